@@ -1,0 +1,233 @@
+"""LLaMA-VID: frames -> cached features -> two tokens per frame -> streamed answer.
+
+The work is split along the line the feature cache needs:
+
+* ``encode_frames`` is question-independent (EVA only) and is what the service caches;
+* ``frame_tokens`` turns cached features plus a question into the visual tokens;
+* ``prepare`` renders the conversation and splices the visual tokens into the LLM's input;
+* ``stream`` generates, yielding text deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import InstructBlipQFormerModel, LlamaForCausalLM
+
+from .config import LlamaVidConfig
+from .conversation import (
+    IMAGE_PLACEHOLDER,
+    ConversationTemplate,
+    Message,
+    build_prompt,
+    get_template,
+    long_video_text,
+)
+from .detokenize import IncrementalDetokenizer
+from .generate import GenerationDefaults, GenerationParams, generate_tokens, with_budget
+from .preprocess import ClipPreprocessor
+from .qformer import QFormerTokenizer
+from .tokenizer import IMAGE_TOKEN_INDEX, LlamaTextTokenizer
+from .visual import FrameTokens, LlamaVidVisualHead
+from .vision import EvaVisionTower
+
+VisualKind = Literal["video", "image"]
+FinishReason = Literal["stop", "length"]
+
+DEFAULT_TEMPLATE = "vicuna_v1"
+FRAME_BLOCK = 64  # frames per Q-Former block: bounds memory for hour-long videos (spec §4.3)
+
+
+@dataclass
+class VisualInput:
+    """Cached EVA features of one video or image: [T, 1+P, C], CLS first."""
+
+    features: torch.Tensor
+    kind: VisualKind = "video"
+
+
+@dataclass
+class PreparedPrompt:
+    prompt: str
+    input_ids: list[int]  # with IMAGE_TOKEN_INDEX placeholders
+    inputs_embeds: torch.Tensor  # [1, L', H]
+    num_visual_tokens: int
+    relevance: torch.Tensor | None = None  # [T]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.inputs_embeds.shape[1]
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_id: int
+    finish_reason: FinishReason | None = None
+
+
+class LlamaVid(nn.Module):
+    def __init__(
+        self,
+        config: LlamaVidConfig,
+        vision: EvaVisionTower,
+        qformer: InstructBlipQFormerModel,
+        visual: LlamaVidVisualHead,
+        llm: LlamaForCausalLM,
+        tokenizer: LlamaTextTokenizer,
+        qformer_tokenizer: QFormerTokenizer,
+        processor: ClipPreprocessor,
+        generation_defaults: GenerationDefaults,
+        encoder_fingerprint: str,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.qformer = qformer
+        self.visual = visual
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.processor = processor
+        self.generation_defaults = generation_defaults
+        self.encoder_fingerprint = encoder_fingerprint
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model_dir, **kwargs) -> "LlamaVid":
+        """See ``model.loader.load_llamavid`` for the arguments."""
+        from .loader import load_llamavid
+
+        return load_llamavid(model_dir, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.query.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.query.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_token
+
+    def tokens_per_frame(self) -> int:
+        return 1 + self.config.compression.num_tokens(self.vision.num_patches)
+
+    # -- vision ------------------------------------------------------------------------------
+    def preprocess(self, frames, *, pad_to_square: bool = False) -> torch.Tensor:
+        return self.processor(frames, pad_to_square=pad_to_square)
+
+    @torch.inference_mode()
+    def encode_frames(self, pixels: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
+        """pixels [T, 3, S, S] -> EVA features [T, 1+P, C] in the tower's dtype, on its device."""
+        vision_device = self.vision.pos_embed.device
+        out = [self.vision(pixels[i : i + batch_size].to(vision_device)) for i in range(0, len(pixels), batch_size)]
+        return torch.cat(out) if out else pixels.new_zeros((0, 1 + self.vision.num_patches, self.vision.width))
+
+    # -- visual tokens -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def frame_tokens(
+        self,
+        features: torch.Tensor,
+        question: str,
+        *,
+        with_relevance: bool = False,
+        block_size: int = FRAME_BLOCK,
+    ) -> FrameTokens:
+        """features [T, N, C] + question -> tokens [T * (1 + n), H], context token first per frame."""
+        if features.ndim != 3 or features.shape[-1] != self.config.mm_hidden_size:
+            raise ValueError(f"expected features [T, N, {self.config.mm_hidden_size}], got {tuple(features.shape)}")
+        text = self.qformer_tokenizer([question])
+        ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
+        tokens, scores = [], []
+        for start in range(0, features.shape[0], block_size):
+            block = features[start : start + block_size].to(self.device)
+            out, rel = self.visual(block, self.qformer, ids, mask, with_relevance=with_relevance)
+            tokens.append(out)
+            if rel is not None:
+                scores.append(rel)
+        stacked = torch.cat(tokens)
+        return FrameTokens(
+            tokens=stacked.flatten(0, 1),
+            tokens_per_frame=stacked.shape[1],
+            relevance=torch.cat(scores) if scores else None,
+        )
+
+    # -- prompt ------------------------------------------------------------------------------
+    def prepare(
+        self,
+        messages: list[Message],
+        visual: VisualInput | None = None,
+        *,
+        template: str | ConversationTemplate = DEFAULT_TEMPLATE,
+        image_turn: str = "last",
+        with_relevance: bool = False,
+    ) -> PreparedPrompt:
+        """Render the chat, build the visual tokens for the question, splice them into embeddings."""
+        template = get_template(template) if isinstance(template, str) else template
+        if visual is None:
+            prompt = build_prompt(template, messages, image_text="")
+            ids = self.tokenizer.encode(prompt)
+            return PreparedPrompt(prompt, ids, self._embed(ids, []), 0)
+
+        question = messages[-1].content if image_turn == "last" else messages[0].content
+        features = visual.features
+        long_video = visual.kind == "video" and self.config.long_video
+        if long_video:
+            features = features[:, 1:] if features.shape[1] % 2 == 1 else features  # stage-3 drops CLS
+        frame = self.frame_tokens(features, question, with_relevance=with_relevance)
+        if long_video:
+            image_text = long_video_text(features.shape[0], frame.tokens_per_frame)
+            pieces = list(frame.tokens.split(1))
+        else:
+            image_text = IMAGE_PLACEHOLDER + "\n"
+            pieces = [frame.tokens]
+        prompt = build_prompt(template, messages, image_text=image_text, image_turn=image_turn)
+        ids = self.tokenizer.encode_with_images(prompt)
+        return PreparedPrompt(prompt, ids, self._embed(ids, pieces), frame.tokens.shape[0], frame.relevance)
+
+    def _embed(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
+        """Text embeddings with ``visual[k]`` spliced in at the k-th placeholder (spec §5.4)."""
+        slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+        if len(slots) != len(visual):
+            raise ValueError(f"prompt has {len(slots)} image placeholders but {len(visual)} visual inputs")
+        embed = self.llm.get_input_embeddings()
+        pieces, start = [], 0
+        for slot, tokens in zip(slots + [len(ids)], visual + [None]):
+            if slot > start:
+                pieces.append(embed(torch.tensor(ids[start:slot], device=embed.weight.device)))
+            if tokens is not None:
+                pieces.append(tokens.to(embed.weight.device, embed.weight.dtype))
+            start = slot + 1
+        return torch.cat(pieces)[None]
+
+    # -- generation --------------------------------------------------------------------------
+    def params(self, **request) -> GenerationParams:
+        """Request values over ``generation_config.json`` defaults (None = use the default)."""
+        return self.generation_defaults.apply(**request)
+
+    def stream(self, prepared: PreparedPrompt, params: GenerationParams) -> Iterator[TextDelta]:
+        """Yield text deltas; the last one carries ``finish_reason``. Stop iterating to cancel."""
+        params = with_budget(params, prepared.num_prompt_tokens, self.context_length)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        eos = self.tokenizer.eos_id
+        count = 0
+        for token in generate_tokens(self.llm, prepared.inputs_embeds, params, eos_id=eos):
+            count += 1
+            if token == eos:
+                yield TextDelta(detok.finish(), token, "stop")
+                return
+            text = detok.add(token)
+            if detok.stopped:
+                yield TextDelta(text, token, "stop")
+                return
+            if count == params.max_new_tokens:
+                yield TextDelta(text + detok.finish(), token, "length")
+                return
+            yield TextDelta(text, token)

@@ -1,0 +1,150 @@
+"""The ``llamavid`` command line: serve, api, worker, ask, parity, make-tiny, train-demo, eval-demo.
+
+Each subcommand imports what it needs when it runs, so ``llamavid parity`` works without the
+server extras installed and ``llamavid --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llamavid", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, help_text in (
+        ("serve", "run the whole service in one process (in-process queue and feature cache)"),
+        ("api", "run the HTTP front end of a split deployment (needs REDIS_URL)"),
+        ("worker", "run a GPU worker of a split deployment (needs REDIS_URL)"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text + ". Every flag also reads LLAMAVID_<FLAG>.")
+        p.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+        p.add_argument("--host")
+        p.add_argument("--port", type=int)
+        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+        p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
+        p.add_argument("--redis-url")
+        p.add_argument("--log-level", default="info")
+
+    ask = sub.add_parser("ask", help="answer a question about a video or image, streaming to stdout")
+    ask.add_argument("media", help="video or image file")
+    ask.add_argument("question")
+    ask.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+    ask.add_argument("--device", default=None)
+    ask.add_argument("--fps", type=float, default=1.0)
+    ask.add_argument("--max-frames", type=int, default=None)
+    ask.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    ask.add_argument("--top-p", type=float, default=None)
+    ask.add_argument("--max-new-tokens", type=int, default=512)
+    ask.add_argument("--template", default="vicuna_v1")
+    ask.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
+
+    parity = sub.add_parser("parity", help="compare against a reference case (../shared/parity/<case>)")
+    parity.add_argument("--case", required=True, type=Path)
+
+    tiny = sub.add_parser("make-tiny", help="write a random-weight checkpoint in the official layout")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--preset", default="tiny", choices=["tiny", "small", "7b"])
+    tiny.add_argument("--format", default="bin", choices=["bin", "safetensors"])
+    tiny.add_argument("--shards", type=int, default=2)
+    tiny.add_argument("--compress", default="mean", help="mean, grid:N or none")
+    tiny.add_argument("--image-size", type=int, default=None)
+    tiny.add_argument("--seed", type=int, default=0)
+
+    for name, help_text in (
+        ("train-demo", "train the shipped demo model on synthetic videos"),
+        ("eval-demo", "evaluate a demo model per question type, with ablations"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = {
+        "serve": _run_server,
+        "api": _run_server,
+        "worker": _run_server,
+        "ask": _ask,
+        "parity": _parity,
+        "make-tiny": _make_tiny,
+        "train-demo": _demo,
+        "eval-demo": _demo,
+    }[args.command]
+    return handler(args)
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    from .settings import Settings
+    from .launch import run
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level") and v is not None}
+    settings = Settings(**overrides)
+    return run(args.command, settings, log_level=args.log_level)
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from model.conversation import Message
+    from model.llama_vid import VisualInput
+    from model.loader import load_llamavid
+    from model.pipeline import decode_image, encode_image, encode_video, looks_like_image, plan_video
+    from model.video import FrameSampling
+    from tqdm import tqdm
+
+    from model.demo import default_model_dir
+
+    model_dir = args.model or default_model_dir()
+    model = load_llamavid(model_dir, device=args.device or _auto_device(), quantization=args.quantization)
+    data = Path(args.media).read_bytes()
+    if looks_like_image(data):
+        visual = VisualInput(encode_image(model, decode_image(data)), "image")
+    else:
+        video, indices = plan_video(data, FrameSampling(args.fps, args.max_frames))
+        with tqdm(total=len(indices), unit="frame", desc="encoding", file=sys.stderr) as bar:
+            encoded = encode_video(model, video, indices, progress=lambda done, total: bar.update(done - bar.n))
+        visual = VisualInput(encoded.features, "video")
+    prepared = model.prepare([Message("user", args.question)], visual, template=args.template)
+    params = model.params(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    for delta in model.stream(prepared, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from model.parity import run_case
+
+    report = run_case(args.case)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else 1
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from model.tiny import make_tiny
+
+    compress = None if args.compress in ("none", "None", "") else args.compress
+    out = make_tiny(args.out, args.preset, fmt=args.format, num_shards=args.shards, seed=args.seed,
+                    compress=compress, image_size=args.image_size)
+    print(f"wrote a random {args.preset} LLaMA-VID checkpoint to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo_model
+
+    return demo_model.main(args.command, args.args)
+
+
+def _auto_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
