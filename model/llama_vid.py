@@ -174,7 +174,7 @@ class LlamaVid(nn.Module):
         if visual is None:
             prompt = build_prompt(template, messages, image_text="")
             ids = self.tokenizer.encode(prompt)
-            return PreparedPrompt(prompt, ids, self._embed(ids, []), 0)
+            return PreparedPrompt(prompt, ids, self.splice_embeddings(ids, []), 0)
 
         question = messages[-1].content if image_turn == "last" else messages[0].content
         features = visual.features
@@ -190,9 +190,9 @@ class LlamaVid(nn.Module):
             pieces = [frame.tokens]
         prompt = build_prompt(template, messages, image_text=image_text, image_turn=image_turn)
         ids = self.tokenizer.encode_with_images(prompt)
-        return PreparedPrompt(prompt, ids, self._embed(ids, pieces), frame.tokens.shape[0], frame.relevance)
+        return PreparedPrompt(prompt, ids, self.splice_embeddings(ids, pieces), frame.tokens.shape[0], frame.relevance)
 
-    def _embed(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
+    def splice_embeddings(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
         """Text embeddings with ``visual[k]`` spliced in at the k-th placeholder (spec §5.4)."""
         slots = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
         if len(slots) != len(visual):

@@ -135,9 +135,9 @@ def _make_tiny(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo_model
+    from model.demo.cli import main as demo_main
 
-    return demo_model.main(args.command, args.args)
+    return demo_main(args.command, args.args)
 
 
 def _auto_device() -> str:
