@@ -75,11 +75,14 @@ class GenerationDefaults:
             extra=raw,
         )
 
-    def apply(self, *, temperature: float | None, top_p: float | None, **kwargs) -> GenerationParams:
+    def apply(self, *, temperature: float | None = None, top_p: float | None = None, **kwargs) -> GenerationParams:
+        extra = {k: v for k, v in kwargs.items() if v is not None}
+        if "stop" in extra:
+            extra["stop"] = tuple(extra["stop"])
         params = GenerationParams(
             temperature=0.0 if temperature is None else temperature,
             top_p=self.top_p if top_p is None else top_p,
-            **{k: v for k, v in kwargs.items() if v is not None},
+            **extra,
         )
         return params.validate()
 
@@ -126,14 +129,18 @@ def generate_tokens(
     if params.seed is not None and not params.greedy:
         generator = torch.Generator(device=inputs_embeds.device).manual_seed(params.seed)
     cache = DynamicCache(config=llm.config)
+    # Inference mode is entered per step, never held across a ``yield``: it is thread-local
+    # state, and a server interleaves many of these generators on one thread.
     with torch.inference_mode():
         logits = prefill(llm, inputs_embeds, cache)
-        for step in range(params.max_new_tokens):
-            token = sample(logits, params, generator)
-            yield token
-            if token == eos_id or step + 1 == params.max_new_tokens:
-                return
+        token = sample(logits, params, generator)
+    for step in range(params.max_new_tokens):
+        yield token
+        if token == eos_id or step + 1 == params.max_new_tokens:
+            return
+        with torch.inference_mode():
             logits = decode_one(llm, token, cache)
+            token = sample(logits, params, generator)
 
 
 def with_budget(params: GenerationParams, prompt_len: int, context: int) -> GenerationParams:

@@ -109,6 +109,7 @@ def load_llamavid(
         GenerationDefaults.from_dir(model_dir),
         fingerprint,
     )
+    model.requires_grad_(False)  # serving never needs autograd; nothing may build a graph by accident
     log.info("loaded LLaMA-VID from %s on %s (%s, llm %s)", model_dir, device, dtype, quantization)
     return model
 

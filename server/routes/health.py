@@ -1,0 +1,54 @@
+"""Liveness, readiness, metrics and the model list."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..deps import Engine
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict:
+    """Alive: the process answers. Says nothing about the model or the cache."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Ready: a model is loaded (here or in a worker) and the feature cache answers."""
+    engine = getattr(request.app.state, "engine", None)
+    checks = {"model": False, "cache": False}
+    if engine is not None:
+        try:
+            checks = await engine.ready()
+        except Exception as exc:  # a broken backend means "not ready", never a 500
+            checks = {"model": False, "cache": False, "error": f"{type(exc).__name__}: {exc}"}
+    ok = all(v for k, v in checks.items() if k != "error")
+    return JSONResponse({"status": "ready" if ok else "not_ready", **checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models")
+async def models(engine: Engine) -> dict:
+    card = await engine.model_card()
+    if card is None:
+        return {"object": "list", "data": []}
+    entry = {
+        "id": card.id, "object": "model", "created": int(time.time()), "owned_by": "llamavid",
+        "root": card.path, "max_model_len": card.context_length,
+        "llamavid": {"tokens_per_frame": card.tokens_per_frame, "device": card.device, "dtype": card.dtype,
+                     "demo": card.demo},
+    }
+    if card.demo == "random":
+        entry["llamavid"]["warning"] = "random demo weights: answers are noise. Start with --model DIR for real answers."
+    return {"object": "list", "data": [entry]}

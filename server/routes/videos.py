@@ -1,0 +1,156 @@
+"""``/v1/videos`` (upload or URL, status, delete) and ``/v1/ask``, the plain REST question.
+
+A video is registered at once (202 with its id) and extracted in the background; its status
+reports frames done / total. A question about a video that is still extracting waits for it,
+streaming progress events meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from ..answers import Conversation, build_job, chain, collect, normalise_turns, start
+from ..deps import Engine, Ingest, ServerSettings
+from ..errors import APIError, error_body
+from ..ingest import VIDEO_ID, video_ref
+from ..jobs import Event, VideoRecord
+from ..protocol import AskRequest, FrameOptions, VideoFromURL, VideoObject, usage
+from .chat import check_context
+
+router = APIRouter()
+
+
+def video_object(record: VideoRecord) -> dict:
+    total = record.frames_total or 0
+    progress = 1.0 if record.status == "ready" else (record.frames_done / total if total else 0.0)
+    return VideoObject(
+        id=record.id, status=record.status, frames_done=record.frames_done, frames_total=record.frames_total,
+        progress=round(progress, 4), duration=record.duration, fps=record.fps, source_fps=record.source_fps,
+        width=record.width, height=record.height, bytes=record.bytes, filename=record.filename,
+        error={"code": record.error_code or "failed", "message": record.error} if record.error else None,
+        created_at=int(record.created_at),
+    ).model_dump()
+
+
+@router.post("/v1/videos", status_code=202)
+async def create_video(request: Request, ingest: Ingest):
+    """Multipart upload (``file`` + optional ``fps``, ``max_frames``, ``start_time``, ``end_time``)
+    or JSON ``{"url": ..., "fps": ...}``."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8)
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, "multipart upload needs a 'file' part with the video", code="missing_file",
+                               param="file")
+            options = _form_options(form)
+            fetched = await ingest.upload(upload, "video")
+            record = await ingest.video(fetched.data, ingest.sampling(options), upload.filename)
+        finally:
+            await form.close()
+    elif content_type.startswith("application/json"):
+        try:
+            body = VideoFromURL.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise APIError(400, _pydantic_message(exc), code="invalid_request") from exc
+        record = await ingest.video_from_url(body.url, body, field="url")
+    else:
+        raise APIError(415, "send the video as multipart/form-data ('file') or JSON {\"url\": ...}",
+                       code="unsupported_content_type")
+    return JSONResponse(video_object(record), status_code=202)
+
+
+@router.get("/v1/videos/{video_id}")
+async def get_video(video_id: str, engine: Engine):
+    record = await engine.registry.get(video_id) if VIDEO_ID.match(video_id) else None
+    if record is None:
+        raise APIError(404, f"no video with id {video_id!r}", code="video_not_found")
+    return video_object(record)
+
+
+@router.delete("/v1/videos/{video_id}")
+async def delete_video(video_id: str, engine: Engine):
+    """Forget the video: its record(s), its stored bytes and its cached features."""
+    record = await engine.registry.get(video_id) if VIDEO_ID.match(video_id) else None
+    if record is None:
+        raise APIError(404, f"no video with id {video_id!r}", code="video_not_found")
+    for sibling in await engine.registry.by_digest(record.digest):
+        await engine.registry.delete(sibling.id)
+    await engine.media.delete(record.digest)
+    await engine.forget_features(record.digest)
+    return {"id": video_id, "object": "video", "deleted": True}
+
+
+@router.post("/v1/ask")
+async def ask(req: AskRequest, engine: Engine, ingest: Ingest, settings: ServerSettings):
+    card = await engine.model_card()
+    if card is None:
+        raise APIError(503, "no worker has reported a model yet", code="not_ready")
+    turns = [(t.role, t.content) for t in req.history] + [("user", req.question)]
+    conversation = Conversation(normalise_turns(turns, settings))
+    if req.video_url or req.video_id:
+        record = (await ingest.video_by_id(req.video_id, req) if req.video_id
+                  else await ingest.video_from_url(req.video_url, req, field="video_url"))
+        conversation.media = video_ref(record)
+        conversation.notes.update(video_id=record.id, frames=record.frames_total)
+    elif req.image_url:
+        conversation.media = await ingest.image_from_url(req.image_url, field="image_url")
+        conversation.notes["frames"] = 1
+    check_context(conversation, card)
+    job = build_job(conversation, req, settings, max_tokens=req.max_tokens, template=req.template)
+    first, rest, stream = await start(engine, job)
+    if not req.stream:
+        try:
+            result = await collect(chain(first, rest))
+        finally:
+            stream.cancel()
+        done = result.usage or {}
+        return {
+            "id": job.request_id, "object": "answer", "model": card.id, "answer": result.text,
+            "finish_reason": result.finish_reason, "video_id": conversation.notes.get("video_id"),
+            "usage": usage(done.get("prompt_tokens", 0), done.get("completion_tokens", 0), done.get("visual_tokens", 0)),
+            "relevance": result.relevance,
+        }
+    return EventSourceResponse(_ask_events(chain(first, rest), stream, conversation.notes.get("video_id")), ping=15)
+
+
+async def _ask_events(events: AsyncIterator[Event], stream, video_id: str | None) -> AsyncIterator[dict]:
+    """Named SSE events: ``progress``, ``relevance``, ``delta``, ``done`` and ``error``."""
+    try:
+        async for event in events:
+            data = dict(event.data)
+            if event.type == "done":
+                data = {"finish_reason": data["finish_reason"], "video_id": video_id,
+                        "usage": usage(data["prompt_tokens"], data["completion_tokens"], data["visual_tokens"])}
+            elif event.type == "error":
+                data = error_body(int(data.get("status", 500)), data.get("message", "error"), data.get("code"))
+            yield {"event": event.type, "data": json.dumps(data, separators=(",", ":"))}
+    finally:
+        stream.cancel()
+
+
+def _form_options(form) -> FrameOptions:
+    values = {}
+    for key in ("fps", "max_frames", "start_time", "end_time"):
+        value = form.get(key)
+        if value not in (None, ""):
+            values[key] = value
+    try:
+        return FrameOptions.model_validate(values)
+    except ValidationError as exc:
+        raise APIError(400, _pydantic_message(exc), code="invalid_request") from exc
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {'unknown field' if err['type'] == 'extra_forbidden' else err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,86 @@
+"""All service configuration, in one object read from ``LLAMAVID_*`` environment variables.
+
+Flags of ``llamavid serve|api|worker`` override the environment. Built by ``get_settings()`` or
+by the CLI and passed down explicitly; nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAMAVID_", extra="forbid", populate_by_name=True)
+
+    # -- model ---------------------------------------------------------------------------------
+    model: str | None = Field(None, description="checkpoint folder or hub id; unset: the bundled demo model")
+    vision_tower: str | None = Field(None, description="eva_vit_g.pth, overriding config.json's mm_vision_tower")
+    image_processor: str | None = Field(None, description="CLIP processor folder, overriding config.json")
+    qformer_tokenizer: str | None = Field(None, description="bert-base-uncased folder or hub id")
+    device: str | None = Field(None, description="cpu, cuda, cuda:N; unset: cuda when available")
+    dtype: Literal["float16", "bfloat16", "float32"] | None = Field(None, description="unset: fp16 on GPU, fp32 on CPU")
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    template: str = Field("vicuna_v1", description="conversation template")
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer tokens; empty: no auth"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # -- limits --------------------------------------------------------------------------------
+    fps: float = Field(1.0, gt=0, description="default frame sampling rate (the official rule: 1 fps)")
+    max_fps: float = Field(8.0, gt=0)
+    max_frames: int = Field(512, ge=1, description="cap on sampled frames per video")
+    max_video_bytes: int = Field(1024 * MiB, ge=1)
+    max_image_bytes: int = Field(32 * MiB, ge=1)
+    max_video_seconds: float = Field(4 * 3600.0, gt=0)
+    max_question_chars: int = Field(16_000, ge=1)
+    max_messages: int = Field(64, ge=1)
+    max_tokens_limit: int = Field(2048, ge=1, description="upper bound on max_tokens per request")
+    default_max_tokens: int = Field(512, ge=1)
+    queue_size: int = Field(64, ge=1, description="question requests waiting beyond the running ones; then 429")
+    max_running: int = Field(8, ge=1, description="questions generating at once (interleaved per token)")
+    video_queue_size: int = Field(16, ge=1, description="video extractions waiting; then 429")
+    request_timeout: float = Field(900.0, gt=0, description="seconds from arrival to the last token")
+    encode_batch: int = Field(32, ge=1, description="frames decoded and encoded per step")
+
+    # -- media fetching --------------------------------------------------------------------------
+    allowed_media_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="hosts/CIDRs fetched even though private (e.g. 127.0.0.1)"
+    )
+    allow_private_media: bool = False
+    fetch_connect_timeout: float = 10.0
+    fetch_read_timeout: float = 30.0
+    fetch_total_timeout: float = 600.0
+
+    # -- cache and storage ---------------------------------------------------------------------
+    cache_bytes: int = Field(4096 * MiB, ge=0, description="in-process feature cache (embedded) / hot tier")
+    feature_format: Literal["float16", "int8"] = "float16"
+    media_dir: str | None = Field(None, description="where uploaded videos are kept (embedded); unset: a temp dir")
+    media_bytes: int = Field(8192 * MiB, ge=0, description="bound on kept uploads (LRU)")
+    redis_url: str | None = Field(
+        None, validation_alias=AliasChoices("redis_url", "LLAMAVID_REDIS_URL", "REDIS_URL")
+    )
+    redis_namespace: str = "llamavid"
+    cache_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
+    visibility_timeout: float = Field(60.0, gt=0, description="seconds before a dead worker's job is reclaimed")
+    worker_metrics_port: int = 9400
+
+    @field_validator("api_keys", "cors_origins", "allowed_media_hosts", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,72 @@
+"""Loading and warming up the model a worker serves, from settings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.conversation import Message
+from model.demo import default_model_dir
+from model.llama_vid import LlamaVid, VisualInput
+from model.loader import load_llamavid
+
+from ..engine import ModelCard
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+BANNER = "=" * 78
+
+
+def resolve_device(setting: str | None) -> torch.device:
+    if setting:
+        return torch.device(setting)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
+    model_dir = settings.model or str(default_model_dir())
+    device = resolve_device(settings.device)
+    dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    model = load_llamavid(
+        model_dir, device=device, dtype=dtype, vision_tower=settings.vision_tower,
+        image_processor=settings.image_processor, qformer_tokenizer=settings.qformer_tokenizer,
+        quantization=settings.quantization,
+    )
+    demo = _demo_kind(model_dir)
+    if demo == "random":
+        log.warning("\n%s\n  NO MODEL GIVEN: serving a tiny RANDOM LLaMA-VID (%s).\n  Its answers are noise. "
+                    "Start with --model DIR (or LLAMAVID_MODEL) for real answers.\n%s", BANNER, model_dir, BANNER)
+    elif demo == "trained":
+        log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
+                    "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s", BANNER, model_dir, BANNER)
+    card = ModelCard(
+        id=Path(model_dir).name or str(model_dir), path=str(model_dir), demo=demo,
+        tokens_per_frame=model.tokens_per_frame(), context_length=model.context_length,
+        device=str(device), dtype=str(model.dtype).removeprefix("torch."),
+    )
+    return model, card
+
+
+def _demo_kind(model_dir: str) -> str | None:
+    """"random" for the generated noise model, "trained" for the bundled synthetic-shapes demo."""
+    from model import demo
+
+    if Path(model_dir).resolve() == (demo.cache_root() / demo.RANDOM_TINY_NAME).resolve():
+        return "random"
+    is_trained = getattr(demo, "is_trained_demo", None)
+    return "trained" if is_trained is not None and is_trained(model_dir) else None
+
+
+@torch.inference_mode()
+def warmup(model: LlamaVid) -> None:
+    """One encode + prefill + decode step, so the first user does not pay for lazy initialisation."""
+    size = model.processor.crop_size
+    frames = np.zeros((2, size, size, 3), dtype=np.uint8)
+    features = model.encode_frames(model.preprocess(frames))
+    prepared = model.prepare([Message("user", "warm up")], VisualInput(features.cpu(), "video"))
+    for _ in zip(range(2), model.stream(prepared, model.params(max_new_tokens=2))):
+        pass
