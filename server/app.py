@@ -26,6 +26,7 @@ from .ingest import MediaIngest
 from .metrics import LlamaVidMetrics
 from .routes import chat, health, videos
 from .settings import Settings
+from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
                   description="Ask questions about long videos: two tokens per frame, cached features, streamed answers.")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.thumbnails = ThumbnailCache()
     install_error_handlers(app)
     api = [Depends(require_api_key)]
     app.include_router(health.router)

@@ -80,7 +80,7 @@ class MediaIngest:
     async def video(self, data: bytes, sampling: Sampling, filename: str | None = None) -> VideoRecord:
         """Register a video (or find the same bytes + sampling already registered) and queue extraction."""
         digest, info = await asyncio.to_thread(self._probe, data)
-        return await self._register(digest, info, len(data), sampling, filename, data)
+        return await self._register(digest, info, len(data), sampling, filename, data, video_mime(data))
 
     def _probe(self, data: bytes):
         try:
@@ -92,7 +92,8 @@ class MediaIngest:
                                 f"{self.settings.max_video_seconds:.0f}s", code="video_too_long")
         return digest_bytes(data), info
 
-    async def _register(self, digest, info, size, sampling: Sampling, filename, data: bytes | None) -> VideoRecord:
+    async def _register(self, digest, info, size, sampling: Sampling, filename, data: bytes | None,
+                        content_type: str | None = None) -> VideoRecord:
         planned = sample_indices(info, FrameSampling(sampling.fps, sampling.max_frames, sampling.start, sampling.end))
         if not planned:
             raise APIError(400, f"no frames to sample: the video is {info.duration:.1f}s long and the range starts at "
@@ -104,6 +105,7 @@ class MediaIngest:
             await self.engine.media.put(digest, data)
         record = VideoRecord(
             id=new_id("vid"), digest=digest, sampling=sampling.to_dict(), frames_total=len(planned),
+            timestamps=[round(i / info.avg_fps, 3) for i in planned], content_type=content_type,
             duration=info.duration, source_fps=info.avg_fps, fps=sampling.fps, width=info.width,
             height=info.height, bytes=size, filename=filename,
         )
@@ -149,6 +151,20 @@ class MediaIngest:
 
     async def image_from_url(self, url: str, field: str) -> MediaRef:
         return await self.image((await self.fetch(url, "image", field)).data)
+
+
+def video_mime(data: bytes) -> str:
+    """A Content-Type for serving the bytes back to a browser's <video> element."""
+    head = data[:64]
+    if head[4:8] == b"ftyp":
+        return "video/quicktime" if head[8:10] == b"qt" else "video/mp4"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "video/webm"
+    if head.startswith(b"OggS"):
+        return "video/ogg"
+    if head[:4] == b"RIFF" and head[8:11] == b"AVI":
+        return "video/x-msvideo"
+    return "application/octet-stream"
 
 
 def video_ref(record: VideoRecord) -> MediaRef:

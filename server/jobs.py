@@ -112,6 +112,8 @@ class VideoRecord(_Json):
     height: int | None = None
     bytes: int = 0
     filename: str | None = None
+    content_type: str | None = None
+    timestamps: list[float] | None = None  # seconds of each sampled frame, in order
     error: str | None = None
     error_code: str | None = None
     created_at: float = field(default_factory=time.time)

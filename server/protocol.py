@@ -152,6 +152,7 @@ class VideoObject(BaseModel):
     height: int | None
     bytes: int
     filename: str | None
+    timestamps: list[float] | None = Field(None, description="seconds of each sampled frame")
     error: VideoError | None
     created_at: int
 

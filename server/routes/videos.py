@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
@@ -33,6 +33,7 @@ def video_object(record: VideoRecord) -> dict:
         id=record.id, status=record.status, frames_done=record.frames_done, frames_total=record.frames_total,
         progress=round(progress, 4), duration=record.duration, fps=record.fps, source_fps=record.source_fps,
         width=record.width, height=record.height, bytes=record.bytes, filename=record.filename,
+        timestamps=record.timestamps,
         error={"code": record.error_code or "failed", "message": record.error} if record.error else None,
         created_at=int(record.created_at),
     ).model_dump()
@@ -69,18 +70,61 @@ async def create_video(request: Request, ingest: Ingest):
 
 @router.get("/v1/videos/{video_id}")
 async def get_video(video_id: str, engine: Engine):
+    return video_object(await _record(engine, video_id))
+
+
+async def _record(engine, video_id: str) -> VideoRecord:
     record = await engine.registry.get(video_id) if VIDEO_ID.match(video_id) else None
     if record is None:
         raise APIError(404, f"no video with id {video_id!r}", code="video_not_found")
-    return video_object(record)
+    return record
+
+
+@router.get("/v1/videos/{video_id}/content")
+async def video_content(video_id: str, request: Request, engine: Engine):
+    """The video's bytes, with HTTP range support so a <video> element can seek."""
+    record = await _record(engine, video_id)
+    data = await engine.media.get(record.digest)
+    if data is None:
+        raise APIError(410, "the video's bytes are no longer stored", code="media_gone")
+    return ranged_response(data, record.content_type or "application/octet-stream", request.headers.get("range"))
+
+
+@router.get("/v1/videos/{video_id}/frames/{index}.jpg")
+async def video_frame(video_id: str, index: int, request: Request, engine: Engine):
+    """A thumbnail of the index-th sampled frame."""
+    record = await _record(engine, video_id)
+    times = record.timestamps or []
+    if not 0 <= index < len(times):
+        raise APIError(404, f"video {video_id} has {len(times)} sampled frames; no frame {index}", code="frame_not_found")
+    thumbs = await request.app.state.thumbnails.get(
+        f"{record.digest}:{record.id}", lambda: engine.media.get(record.digest), times)
+    if thumbs is None or index >= len(thumbs):
+        raise APIError(410, "the video's bytes are no longer stored", code="media_gone")
+    return Response(thumbs[index], media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def ranged_response(data: bytes, media_type: str, range_header: str | None) -> Response:
+    size = len(data)
+    headers = {"Accept-Ranges": "bytes"}
+    if range_header and range_header.startswith("bytes="):
+        first, _, last = range_header[6:].split(",")[0].strip().partition("-")
+        try:
+            start = int(first) if first else max(0, size - int(last))
+            end = min(int(last), size - 1) if (first and last) else size - 1
+        except ValueError:
+            start, end = 0, -1
+        if 0 <= start <= end < size:
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            return Response(data[start : end + 1], status_code=206, media_type=media_type, headers=headers)
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    return Response(data, media_type=media_type, headers=headers)
 
 
 @router.delete("/v1/videos/{video_id}")
 async def delete_video(video_id: str, engine: Engine):
     """Forget the video: its record(s), its stored bytes and its cached features."""
-    record = await engine.registry.get(video_id) if VIDEO_ID.match(video_id) else None
-    if record is None:
-        raise APIError(404, f"no video with id {video_id!r}", code="video_not_found")
+    record = await _record(engine, video_id)
     for sibling in await engine.registry.by_digest(record.digest):
         await engine.registry.delete(sibling.id)
     await engine.media.delete(record.digest)
