@@ -11,6 +11,7 @@ each ``llamavid worker``; only where jobs come from and events go differs.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -240,7 +241,7 @@ class ModelRunner:
         return feats
 
     # -- questions -------------------------------------------------------------------------------
-    async def answer(self, job: QuestionJob, emit: Emit, cancelled: Callable[[], bool]) -> None:
+    async def answer(self, job: QuestionJob, emit: Emit, cancelled: Callable[[], bool | Awaitable[bool]]) -> None:
         """Answer one question, emitting progress, relevance, deltas and a final done/error event."""
         tracker = self.metrics.track_request(job.arrival_time)
         try:
@@ -293,9 +294,10 @@ class ModelRunner:
         completion, reason, first = 0, "stop", True
         try:
             while True:
-                if cancelled() or (job.deadline is not None and time.time() > job.deadline):
+                gone = await _is_set(cancelled)
+                if gone or (job.deadline is not None and time.time() > job.deadline):
                     reason = "abort"
-                    if not cancelled():
+                    if not gone:
                         await emit(error_event(408, "timeout", "the request ran past its deadline"))
                     break
                 try:
@@ -323,6 +325,12 @@ class ModelRunner:
                 "completion_tokens": completion,
             }))
         return reason
+
+
+async def _is_set(flag: Callable[[], bool | Awaitable[bool]]) -> bool:
+    """The cancel flag: a plain callable in-process, a Redis lookup in a split deployment."""
+    value = flag()
+    return bool(await value) if inspect.isawaitable(value) else bool(value)
 
 
 def relevance_payload(scores: torch.Tensor, timestamps: list[float]) -> dict:
