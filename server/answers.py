@@ -7,9 +7,12 @@ decides whether a failure can still be an HTTP status or must travel inside the 
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+
+from model.conversation import get_template
 
 from .engine import EngineClient, EventStream
 from .errors import APIError
@@ -54,6 +57,11 @@ def normalise_turns(turns: list[tuple[str, str]], settings: Settings) -> list[di
 def build_job(conversation: Conversation, options: SamplingOptions, settings: Settings, *,
               max_tokens: int | None, template: str | None) -> QuestionJob:
     max_tokens = max_tokens or settings.default_max_tokens
+    if template is not None:
+        try:
+            get_template(template)
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_template", param="template") from None
     if max_tokens > settings.max_tokens_limit:
         raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}",
                        code="invalid_max_tokens", param="max_tokens")
@@ -119,6 +127,20 @@ async def collect(events: AsyncIterator[Event]) -> Collected:
             raise APIError(int(data.get("status", 500)), data.get("message", "error"), code=data.get("code"))
     out.text = "".join(parts)
     return out
+
+
+async def collect_or_abort(events: AsyncIterator[Event], is_disconnected: Callable[[], Awaitable[bool]],
+                           poll: float = 0.25) -> Collected:
+    """``collect`` for a non-streaming response; a client that hangs up stops the generation
+    (the caller cancels the stream) instead of it running to ``max_tokens`` for nobody."""
+    task = asyncio.ensure_future(collect(events))
+    try:
+        while not (await asyncio.wait({task}, timeout=poll))[0]:
+            if await is_disconnected():
+                raise APIError(499, "the client closed the connection", code="client_closed")
+        return task.result()
+    finally:
+        task.cancel()
 
 
 async def start(engine: EngineClient, job: QuestionJob) -> tuple[Event | None, AsyncIterator[Event], EventStream]:

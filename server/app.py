@@ -98,7 +98,7 @@ async def local_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> 
     registry = MemoryVideoRegistry()
     cache_metrics = CacheMetrics(metrics, store)
     runner = ModelRunner(model, store, media, registry, metrics, max_running=settings.max_running,
-                         encode_batch=settings.encode_batch, template=settings.template,
+                         encode_batch=settings.encode_batch, batch_capacity=settings.batch_capacity, template=settings.template,
                          on_cache_access=cache_metrics.sync)
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)
     log.info("ready: %s on %s (%s), %d tokens per frame", card.id, card.device, card.dtype, card.tokens_per_frame)

@@ -22,6 +22,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 410: "gone_error",
           413: "request_too_large", 415: "invalid_request_error", 422: "invalid_request_error",
           429: "rate_limit_error"}
+# Codes for errors raised by Starlette/FastAPI themselves (body parsing, routing, the body limit).
+_HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class APIError(Exception):
@@ -39,6 +41,11 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
@@ -73,6 +80,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type")
+        whole_body = any(e.get("loc") == ("body",) for e in exc.errors())
+        if content_type and not _is_json(content_type) and whole_body:
+            # FastAPI validates a non-JSON body as raw bytes; name the real problem instead.
+            return error_response(415, f"unsupported Content-Type {content_type!r}: send the request as "
+                                       "application/json", "unsupported_content_type")
         message, param, code = _validation_message(exc)
         return error_response(400, message, code, param)
 
@@ -81,7 +94,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, message, _HTTP_CODES.get(exc.status_code),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:

@@ -54,6 +54,10 @@ class MediaIngest:
                 current.start = options.start_time
             if options.end_time is not None:
                 current.end = options.end_time
+        for name, value in (("start_time", current.start), ("end_time", current.end)):
+            if value is not None and value > s.max_video_seconds:  # also keeps frame arithmetic finite
+                raise APIError(400, f"{name} {value:g}s is past this server's longest video "
+                                    f"({s.max_video_seconds:g}s)", code="invalid_time_range", param=name)
         if current.fps > s.max_fps:
             raise APIError(400, f"fps {current.fps} is above this server's limit of {s.max_fps}", code="invalid_fps", param="fps")
         if current.max_frames is None or current.max_frames > s.max_frames:

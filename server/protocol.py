@@ -20,10 +20,11 @@ class _Strict(BaseModel):
 class FrameOptions(_Strict):
     """Per-request frame sampling; unset fields use the server's defaults."""
 
-    fps: float | None = Field(None, gt=0, description="frames per second to sample (default 1)")
+    fps: float | None = Field(None, gt=0, allow_inf_nan=False,
+                              description="frames per second to sample (default 1)")
     max_frames: int | None = Field(None, ge=1, description="cap on sampled frames")
-    start_time: float | None = Field(None, ge=0, description="seconds; sample from here")
-    end_time: float | None = Field(None, gt=0, description="seconds; sample up to here")
+    start_time: float | None = Field(None, ge=0, allow_inf_nan=False, description="seconds; sample from here")
+    end_time: float | None = Field(None, gt=0, allow_inf_nan=False, description="seconds; sample up to here")
 
     @model_validator(mode="after")
     def _range(self) -> "FrameOptions":
@@ -38,7 +39,7 @@ class SamplingOptions(_Strict):
     top_k: int | None = Field(None, ge=0, description="0 disables; default 50 when sampling")
     max_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
     relevance: bool = Field(False, description="report each sampled frame's relevance to the question")
 
     @model_validator(mode="after")

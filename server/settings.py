@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     video_queue_size: int = Field(16, ge=1, description="video extractions waiting; then 429")
     request_timeout: float = Field(900.0, gt=0, description="seconds from arrival to the last token")
     encode_batch: int = Field(32, ge=1, description="frames decoded and encoded per step")
+    batch_capacity: int = Field(
+        8192, ge=0, description="positions per request in the shared decode batch; 0 decodes requests one by one"
+    )
 
     # -- media fetching --------------------------------------------------------------------------
     allowed_media_hosts: Annotated[list[str], NoDecode] = Field(

@@ -12,11 +12,11 @@ import json
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from ..answers import Conversation, build_job, chain, collect, normalise_turns, start
+from ..answers import Conversation, build_job, chain, collect_or_abort, normalise_turns, start
 from ..deps import Engine, Ingest, ServerSettings
 from ..errors import APIError, error_body
 from ..ingest import video_ref
@@ -81,7 +81,8 @@ def check_context(conversation: Conversation, card) -> None:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(req: ChatCompletionRequest, engine: Engine, ingest: Ingest, settings: ServerSettings):
+async def chat_completions(req: ChatCompletionRequest, request: Request, engine: Engine, ingest: Ingest,
+                           settings: ServerSettings):
     card = await engine.model_card()
     if card is None:
         raise APIError(503, "no worker has reported a model yet", code="not_ready")
@@ -95,7 +96,7 @@ async def chat_completions(req: ChatCompletionRequest, engine: Engine, ingest: I
     extension = {k: v for k, v in conversation.notes.items() if k == "video_id"}
     if not req.stream:
         try:
-            result = await collect(chain(first, rest))
+            result = await collect_or_abort(chain(first, rest), request.is_disconnected)
         finally:
             stream.cancel()
         body = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..deps import Engine
+from ..deps import Engine, require_api_key
 
 router = APIRouter()
 
@@ -38,7 +38,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])  # health and metrics stay open
 async def models(engine: Engine) -> dict:
     card = await engine.model_card()
     if card is None:

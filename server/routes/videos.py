@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from ..answers import Conversation, build_job, chain, collect, normalise_turns, start
+from ..answers import Conversation, build_job, chain, collect_or_abort, normalise_turns, start
 from ..deps import Engine, Ingest, ServerSettings
 from ..errors import APIError, error_body
 from ..ingest import VIDEO_ID, video_ref
@@ -133,7 +133,7 @@ async def delete_video(video_id: str, engine: Engine):
 
 
 @router.post("/v1/ask")
-async def ask(req: AskRequest, engine: Engine, ingest: Ingest, settings: ServerSettings):
+async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest, settings: ServerSettings):
     card = await engine.model_card()
     if card is None:
         raise APIError(503, "no worker has reported a model yet", code="not_ready")
@@ -152,7 +152,7 @@ async def ask(req: AskRequest, engine: Engine, ingest: Ingest, settings: ServerS
     first, rest, stream = await start(engine, job)
     if not req.stream:
         try:
-            result = await collect(chain(first, rest))
+            result = await collect_or_abort(chain(first, rest), request.is_disconnected)
         finally:
             stream.cancel()
         done = result.usage or {}

@@ -174,7 +174,7 @@ async def _main(settings: Settings) -> int:
     runner = ModelRunner(
         model, store, RedisMediaStore(redis, settings.redis_namespace, settings.cache_ttl_seconds),
         RedisVideoRegistry(redis, settings.redis_namespace, settings.cache_ttl_seconds), metrics,
-        max_running=settings.max_running, encode_batch=settings.encode_batch, template=settings.template,
+        max_running=settings.max_running, encode_batch=settings.encode_batch, batch_capacity=settings.batch_capacity, template=settings.template,
         stall_timeout=settings.visibility_timeout, on_cache_access=cache_metrics.sync,
     )
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)

@@ -16,12 +16,16 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from cache import FeatureStore, Manifest, sampling_id
+from model.batching import BatchedDecoder
 from model.conversation import Message, get_template
+from model.detokenize import IncrementalDetokenizer
+from model.generate import generate_tokens, with_budget
 from model.llama_vid import LlamaVid, VisualInput
 from model.pipeline import ImageDecodeError, decode_image, encode_image, plan_video
 from model.video import FrameSampling, VideoDecodeError
@@ -58,6 +62,7 @@ class ModelRunner:
         stall_timeout: float = 60.0,
         template: str = "vicuna_v1",
         on_cache_access: Callable[[], None] | None = None,
+        batch_capacity: int = 8192,
     ) -> None:
         self.model = model
         self.store = store
@@ -70,6 +75,10 @@ class ModelRunner:
         self._on_cache_access = on_cache_access or (lambda: None)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamavid-model")
         self._running = asyncio.Semaphore(max_running)
+        self.max_running = max_running
+        self.batch_capacity = batch_capacity  # positions per slot of the shared decode cache; 0 disables batching
+        self._batch: BatchedDecoder | None = None
+        self._decode_task: asyncio.Task | None = None
         self._extracting: dict[tuple[str, str], asyncio.Task[tuple[torch.Tensor, Manifest]]] = {}
 
     async def compute(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -272,8 +281,6 @@ class ModelRunner:
         messages = [Message(m["role"], m["content"]) for m in job.messages]
         template = get_template(job.template or self.template)
         if job.system is not None:
-            from dataclasses import replace
-
             template = replace(template, system=job.system)
         try:
             with self.metrics.stage("tokens"):
@@ -281,42 +288,47 @@ class ModelRunner:
                     lambda: self.model.prepare(messages, visual, template=template, with_relevance=job.relevance)
                 )
             params = self.model.params(**job.params)  # request values over generation_config.json
+            params = with_budget(params, prepared.num_prompt_tokens, self.model.context_length)
         except ValueError as exc:
-            raise JobError(400, "invalid_request", str(exc)) from exc
-        text_tokens = prepared.num_prompt_tokens - prepared.num_visual_tokens
-        tracker.prompt(text_tokens, prepared.num_visual_tokens)
+            code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
+            raise JobError(400, code, str(exc)) from exc
+        tracker.prompt(prepared.num_prompt_tokens - prepared.num_visual_tokens, prepared.num_visual_tokens)
         if job.relevance and prepared.relevance is not None:
             await emit(Event("relevance", relevance_payload(prepared.relevance, timestamps)))
-        try:
-            stream = self.model.stream(prepared, params)
-        except ValueError as exc:
-            raise JobError(400, "context_length_exceeded", str(exc)) from exc
-        completion, reason, first = 0, "stop", True
+        batcher = await self._batcher()
+        if batcher is not None and batcher.fits(prepared.num_prompt_tokens, params.max_new_tokens):
+            tokens = _BatchedTokens(self, batcher, prepared.inputs_embeds, params)
+        else:
+            tokens = _SingleTokens(self, generate_tokens(self.model.llm, prepared.inputs_embeds, params,
+                                                         eos_id=self.model.tokenizer.eos_id))
+        detok = IncrementalDetokenizer(self.model.tokenizer, params.stop)
+        eos = self.model.tokenizer.eos_id
+        completion, reason = 0, "abort"
         try:
             while True:
                 gone = await _is_set(cancelled)
                 if gone or (job.deadline is not None and time.time() > job.deadline):
-                    reason = "abort"
                     if not gone:
                         await emit(error_event(408, "timeout", "the request ran past its deadline"))
                     break
-                try:
-                    with self.metrics.stage("prefill" if first else "decode_step"):
-                        delta = await self.compute(next, stream, None)
-                except ValueError as exc:
-                    raise JobError(400, "context_length_exceeded", str(exc)) from exc
-                if delta is None:
-                    break
-                first = False
+                with self.metrics.stage("prefill" if completion == 0 else "decode_step"):
+                    token = await tokens.next()
                 completion += 1
                 tracker.token()
-                if delta.text:  # the detokenizer holds back partial characters and stop-string prefixes
-                    await emit(Event("delta", {"text": delta.text}))
-                if delta.finish_reason:
-                    reason = delta.finish_reason
+                if token == eos:
+                    text, reason = detok.finish(), "stop"
+                else:
+                    text = detok.add(token)
+                    if detok.stopped:
+                        reason = "stop"
+                    elif completion >= params.max_new_tokens:
+                        text, reason = text + detok.finish(), "length"
+                if text:  # the detokenizer holds back partial characters and stop-string prefixes
+                    await emit(Event("delta", {"text": text}))
+                if reason != "abort":
                     break
         finally:
-            await self.compute(stream.close)
+            await tokens.close()
         if reason != "abort":
             await emit(Event("done", {
                 "finish_reason": reason,
@@ -325,6 +337,57 @@ class ModelRunner:
                 "completion_tokens": completion,
             }))
         return reason
+
+    async def _batcher(self) -> BatchedDecoder | None:
+        if self._batch is None and self.batch_capacity > 0:
+            capacity = min(2 * self.model.context_length, self.batch_capacity)
+            self._batch = await self.compute(lambda: BatchedDecoder(self.model.llm, self.max_running, capacity))
+        return self._batch
+
+    def _ensure_decode_loop(self) -> None:
+        if self._decode_task is None or self._decode_task.done():
+            self._decode_task = asyncio.ensure_future(self._decode_loop())
+
+    async def _decode_loop(self) -> None:
+        """One batched decode step after another while any request holds a slot."""
+        batch = self._batch
+        while batch is not None and batch.active:
+            for handle, token in await self.compute(batch.step):
+                handle.put_nowait(token)
+
+
+class _SingleTokens:
+    """Tokens of one request decoded on its own (it does not fit the batch cache)."""
+
+    def __init__(self, runner: ModelRunner, generator) -> None:
+        self.runner, self.generator = runner, generator
+
+    async def next(self) -> int:
+        return await self.runner.compute(next, self.generator)
+
+    async def close(self) -> None:
+        await self.runner.compute(self.generator.close)
+
+
+class _BatchedTokens:
+    """Tokens of one request in the shared decode batch: prefilled alone, then stepped with the others."""
+
+    def __init__(self, runner: ModelRunner, batch: BatchedDecoder, inputs_embeds, params) -> None:
+        self.runner, self.batch, self.inputs_embeds, self.params = runner, batch, inputs_embeds, params
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        self.added = False
+
+    async def next(self) -> int:
+        if not self.added:
+            self.added = True
+            token = await self.runner.compute(self.batch.add, self.queue, self.inputs_embeds, self.params)
+            self.runner._ensure_decode_loop()
+            return token
+        return await self.queue.get()
+
+    async def close(self) -> None:
+        if self.added:
+            await self.runner.compute(self.batch.remove, self.queue)
 
 
 async def _is_set(flag: Callable[[], bool | Awaitable[bool]]) -> bool:

@@ -1,0 +1,180 @@
+// The conversation: each question is POSTed to /v1/chat/completions with the whole history
+// and streamed back token by token. Stopping aborts the fetch; the service cancels the
+// generation when the connection closes.
+
+import { api, ApiError } from "./api.js";
+import { plainWords } from "./errors.js";
+import { renderRelevance } from "./frames.js";
+import { sseData } from "./sse.js";
+
+function element(tag, className, text) {
+  const el = document.createElement(tag);
+  if (className) el.className = className;
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+/** One question and its answer in the log. */
+class Turn {
+  constructor(list, question) {
+    const asked = element("li", "turn user");
+    asked.append(element("p", "who", "You"), element("p", "text", question));
+    this.item = element("li", "turn assistant");
+    this.item.dataset.state = "streaming";
+    this.item.setAttribute("aria-busy", "true");
+    this.status = element("p", "answer-status", "Thinking…");
+    this.textEl = element("div", "answer-text");
+    this.text = document.createTextNode("");
+    this.textEl.append(this.text);
+    this.relevance = element("div", "relevance");
+    this.relevance.hidden = true;
+    this.meta = element("p", "answer-meta");
+    this.item.append(element("p", "who", "LLaMA-VID"), this.status, this.textEl, this.relevance, this.meta);
+    list.append(asked, this.item);
+  }
+
+  append(piece) {
+    if (!this.status.hidden) this.status.hidden = true;
+    this.text.appendData(piece);
+  }
+
+  finish(state, meta) {
+    this.item.dataset.state = state;
+    this.item.removeAttribute("aria-busy");
+    this.status.hidden = true;
+    this.meta.textContent = meta;
+  }
+
+  error(words) {
+    const box = element("div", "answer-error");
+    box.setAttribute("role", "alert");
+    box.append(element("p", "error-headline", words.headline), element("p", "error-detail", words.detail));
+    this.item.insertBefore(box, this.meta);
+  }
+}
+
+export class Chat {
+  /** hooks: media (Media), sampling() → request fields, onBusy(bool), onAuthError(), announce(text). */
+  constructor(hooks) {
+    this.hooks = hooks;
+    this.list = document.getElementById("messages");
+    this.empty = document.getElementById("empty-chat");
+    this.history = []; // {role, content: string}, alternating, oldest first
+    this.controller = null;
+  }
+
+  get busy() {
+    return this.controller !== null;
+  }
+
+  reset() {
+    this.stop();
+    this.history = [];
+    this.list.replaceChildren();
+    this.empty.hidden = false;
+  }
+
+  stop() {
+    if (this.controller) this.controller.abort();
+  }
+
+  messages(question) {
+    const part = this.hooks.media.part();
+    const turns = [...this.history, { role: "user", content: question }];
+    return turns.map((turn, i) =>
+      i === 0 && part ? { role: "user", content: [part, { type: "text", text: turn.content }] } : turn);
+  }
+
+  async ask(question) {
+    if (this.busy || !question.trim()) return false;
+    const { media } = this.hooks;
+    const body = {
+      messages: this.messages(question),
+      stream: true,
+      stream_options: { include_usage: true },
+      ...this.hooks.sampling(),
+    };
+    if (media.isVideo()) body.relevance = true;
+    this.empty.hidden = true;
+    const turn = new Turn(this.list, question);
+    turn.item.scrollIntoView({ block: "nearest" });
+    const controller = new AbortController();
+    this.controller = controller;
+    this.hooks.onBusy(true);
+    const started = performance.now();
+    let text = "";
+    let finish = null;
+    let usage = null;
+    let failure = null;
+    let stopped = false;
+    try {
+      const response = await api("/v1/chat/completions", { method: "POST", json: body, signal: controller.signal });
+      for await (const data of sseData(response)) {
+        if (data === "[DONE]") break;
+        let chunk;
+        try {
+          chunk = JSON.parse(data);
+        } catch {
+          continue;
+        }
+        if (chunk.error) {
+          failure = new ApiError(500, chunk.error);
+          break;
+        }
+        const extension = chunk.llamavid;
+        if (extension && extension.type === "progress") {
+          turn.status.textContent =
+            `Waiting for the video: ${extension.frames_done} / ${extension.frames_total ?? "?"} frames extracted…`;
+        } else if (extension && extension.type === "relevance" && extension.frames && extension.frames.length) {
+          renderRelevance(turn.relevance, extension.frames, media.thumbSrc, (index, time) => media.seek(index, time));
+        }
+        if (chunk.usage) usage = chunk.usage;
+        const choice = chunk.choices && chunk.choices[0];
+        if (choice) {
+          const piece = choice.delta && choice.delta.content;
+          if (piece) {
+            text += piece;
+            turn.append(piece);
+          }
+          if (choice.finish_reason) finish = choice.finish_reason;
+        }
+      }
+    } catch (err) {
+      if (err && err.name === "AbortError") stopped = true;
+      else failure = err;
+    } finally {
+      if (this.controller === controller) this.controller = null;
+      this.hooks.onBusy(false);
+    }
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    if (text) this.history.push({ role: "user", content: question }, { role: "assistant", content: text });
+    if (failure) {
+      const words = plainWords(failure);
+      turn.error(words);
+      turn.finish("error", text ? "The answer was cut short by the error above." : "");
+      this.hooks.announce(`The question failed. ${words.headline}`);
+      if (failure.status === 401) this.hooks.onAuthError();
+    } else if (stopped) {
+      turn.finish("stopped", `Stopped by you after ${seconds} s.` +
+        (text ? "" : " No answer yet, so this question is not part of the conversation."));
+      this.hooks.announce("Answer stopped.");
+    } else {
+      const empty = text ? "" : "The model gave an empty answer. ";
+      turn.finish("done", empty + this.summary(finish, usage, seconds, body.max_tokens));
+      this.hooks.announce("Answer finished.");
+    }
+    return true;
+  }
+
+  summary(finish, usage, seconds, maxTokens) {
+    const parts = [finish === "length"
+      ? `Stopped at the longest-answer limit${maxTokens ? ` (${maxTokens} tokens)` : ""}.` : "Done."];
+    parts.push(`${seconds} s`);
+    if (usage) {
+      parts.push(`${usage.completion_tokens} tokens`);
+      const visual = usage.visual_tokens ?? (usage.prompt_tokens_details || {}).visual_tokens;
+      if (visual) parts.push(`${visual} visual tokens`);
+    }
+    return parts.join(" · ");
+  }
+}
