@@ -90,14 +90,20 @@ const DEMO_TEXT = {
     "for a full model.",
 };
 
+let modelRetry = null;
+
 async function loadModel() {
+  clearTimeout(modelRetry);
   let list;
   try {
     list = await getJSON("/v1/models");
   } catch (err) {
-    if (err.status === 503 || err.status === 0) {
+    if (err.status === 401) {
+      ui.modelInfo.textContent = "Enter the API key under Settings to use this service.";
+      ui.settings.open = true;
+    } else if (err.status === 503 || err.status === 0) {
       ui.modelInfo.textContent = err.status ? "The service is starting (loading the model)…" : "Cannot reach the service; retrying…";
-      setTimeout(loadModel, 2000);
+      modelRetry = setTimeout(loadModel, 2000);
     } else {
       ui.modelInfo.textContent = plainWords(err).headline;
     }
@@ -106,7 +112,7 @@ async function loadModel() {
   const model = list.data && list.data[0];
   if (!model) {
     ui.modelInfo.textContent = "No model is loaded yet; retrying…";
-    setTimeout(loadModel, 3000);
+    modelRetry = setTimeout(loadModel, 3000);
     return;
   }
   const info = model.llamavid || {};
@@ -115,10 +121,10 @@ async function loadModel() {
   ui.modelInfo.textContent = `Model: ${model.id}${facts.length ? ` (${facts.join(", ")})` : ""}`;
   if (model.max_model_len) ui.maxTokens.max = String(model.max_model_len);
   const text = DEMO_TEXT[info.demo] || info.warning;
+  ui.banner.hidden = !text;
   if (text) {
     ui.banner.textContent = text;
     ui.banner.dataset.demo = info.demo || "warning";
-    ui.banner.hidden = false;
   }
 }
 
@@ -129,6 +135,7 @@ ui.settingsForm.addEventListener("submit", (event) => {
   saveApiKey(ui.apiKey.value);
   ui.settingsSaved.textContent = ui.apiKey.value.trim() ? "Saved. The key is used from now on." : "Saved (no API key).";
   clearError();
+  loadModel();
 });
 ui.apiKey.addEventListener("change", () => saveApiKey(ui.apiKey.value));
 
@@ -206,6 +213,11 @@ ui.stop.addEventListener("click", () => {
 ui.newChat.addEventListener("click", () => {
   chat.reset();
   announce("New conversation.");
+  ui.question.focus();
+});
+
+document.querySelector(".skip-link").addEventListener("click", (event) => {
+  event.preventDefault();
   ui.question.focus();
 });
 

@@ -61,6 +61,12 @@ export class Chat {
     this.empty = document.getElementById("empty-chat");
     this.history = []; // {role, content: string}, alternating, oldest first
     this.controller = null;
+    this.epoch = 0; // bumped by reset()
+    this.pinned = true; // the log follows new text while its end is in view
+    this.scrollQueued = false;
+    this.list.addEventListener("scroll", () => {
+      this.pinned = this.list.scrollHeight - this.list.scrollTop - this.list.clientHeight < 48;
+    }, { passive: true });
   }
 
   get busy() {
@@ -69,6 +75,7 @@ export class Chat {
 
   reset() {
     this.stop();
+    this.epoch += 1; // an answer still winding down must not join the new conversation
     this.history = [];
     this.list.replaceChildren();
     this.empty.hidden = false;
@@ -96,9 +103,11 @@ export class Chat {
     };
     if (media.isVideo()) body.relevance = true;
     this.empty.hidden = true;
+    this.pinned = true;
     const turn = new Turn(this.list, question);
     turn.item.scrollIntoView({ block: "nearest" });
     const controller = new AbortController();
+    const epoch = this.epoch;
     this.controller = controller;
     this.hooks.onBusy(true);
     const started = performance.now();
@@ -126,7 +135,8 @@ export class Chat {
           turn.status.textContent =
             `Waiting for the video: ${extension.frames_done} / ${extension.frames_total ?? "?"} frames extracted…`;
         } else if (extension && extension.type === "relevance" && extension.frames && extension.frames.length) {
-          renderRelevance(turn.relevance, extension.frames, media.thumbSrc, (index, time) => media.seek(index, time));
+          this.follow(() => renderRelevance(turn.relevance, extension.frames, media.thumbSrc,
+            (index, time) => media.seek(index, time)));
         }
         if (chunk.usage) usage = chunk.usage;
         const choice = chunk.choices && chunk.choices[0];
@@ -134,7 +144,7 @@ export class Chat {
           const piece = choice.delta && choice.delta.content;
           if (piece) {
             text += piece;
-            turn.append(piece);
+            this.follow(() => turn.append(piece));
           }
           if (choice.finish_reason) finish = choice.finish_reason;
         }
@@ -147,9 +157,15 @@ export class Chat {
       this.hooks.onBusy(false);
     }
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
-    if (text) this.history.push({ role: "user", content: question }, { role: "assistant", content: text });
+    if (!failure && !stopped && finish === null) {
+      failure = { headline: "The connection to the service closed before the answer finished.",
+        detail: "The service may have restarted. Ask again." };
+    }
+    if (text && !failure && epoch === this.epoch) {
+      this.history.push({ role: "user", content: question }, { role: "assistant", content: text });
+    }
     if (failure) {
-      const words = plainWords(failure);
+      const words = failure.headline ? failure : plainWords(failure);
       turn.error(words);
       turn.finish("error", text ? "The answer was cut short by the error above." : "");
       this.hooks.announce(`The question failed. ${words.headline}`);
@@ -160,15 +176,27 @@ export class Chat {
       this.hooks.announce("Answer stopped.");
     } else {
       const empty = text ? "" : "The model gave an empty answer. ";
-      turn.finish("done", empty + this.summary(finish, usage, seconds, body.max_tokens));
+      this.follow(() => turn.finish("done", empty + this.summary(finish, usage, seconds, body.max_tokens)));
       this.hooks.announce("Answer finished.");
     }
     return true;
   }
 
+  /** Run a change to the log and keep it scrolled to the end, unless the reader scrolled up (wide screens,
+   * where the log scrolls by itself). At most one scroll per frame, however fast tokens arrive. */
+  follow(change) {
+    change();
+    if (!this.pinned || this.scrollQueued) return;
+    this.scrollQueued = true;
+    requestAnimationFrame(() => {
+      this.scrollQueued = false;
+      if (this.pinned) this.list.scrollTop = this.list.scrollHeight;
+    });
+  }
+
   summary(finish, usage, seconds, maxTokens) {
     const parts = [finish === "length"
-      ? `Stopped at the longest-answer limit${maxTokens ? ` (${maxTokens} tokens)` : ""}.` : "Done."];
+      ? `Reached the longest-answer limit${maxTokens ? ` (${maxTokens} tokens)` : ""}` : "Done"];
     parts.push(`${seconds} s`);
     if (usage) {
       parts.push(`${usage.completion_tokens} tokens`);

@@ -14,7 +14,7 @@ export function formatTime(seconds) {
 
 function percent(weight) {
   const p = weight * 100;
-  return p >= 10 ? `${Math.round(p)}%` : `${p.toFixed(1)}%`;
+  return p >= 99.95 ? "100%" : `${p.toFixed(1)}%`;
 }
 
 /** One tab stop per toolbar; arrow keys move the focus between its frame buttons. */
@@ -144,11 +144,13 @@ export function renderRelevance(container, frames, thumbSrc, onPick) {
 
   const summary = document.createElement("div");
   summary.className = "relevance-summary";
-  if (hi > 0 && spread / hi < 0.02) {
+  if (frames.length > 1) {
     const note = document.createElement("p");
     note.className = "hint";
-    note.textContent = `All frames weigh about the same here (about ${percent(1 / frames.length)} each), ` +
-      "so the bars only show tiny differences.";
+    note.textContent = hi > 0 && spread / hi < 0.05
+      ? `All frames weigh about the same here (about ${percent(1 / frames.length)} each): ` +
+        "the bars magnify tiny differences."
+      : `Bar heights run from the least (${percent(lo)}) to the most relevant frame (${percent(hi)}).`;
     summary.append(note);
   }
   const top = [...frames].sort((a, b) => b.weight - a.weight).slice(0, Math.min(3, frames.length));
