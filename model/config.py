@@ -53,8 +53,14 @@ class Compression:
         if self.kind == "mean":
             return 1
         side = int(math.sqrt(num_patches))
-        stride = side // self.grid
-        return (side // stride) ** 2
+        return (side // grid_stride(side, self.grid)) ** 2
+
+
+def grid_stride(side: int, grid: int) -> int:
+    """Pooling stride of ``grid:g`` on a ``side x side`` patch grid (the official ``side // g``)."""
+    if not 1 <= grid <= side:
+        raise CheckpointError(f"compress_type grid:{grid} needs 1 <= {grid} <= {side}, the patch grid's side")
+    return side // grid
 
 
 @dataclass(frozen=True)

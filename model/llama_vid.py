@@ -117,7 +117,10 @@ class LlamaVid(nn.Module):
         return self.config.max_token
 
     def tokens_per_frame(self) -> int:
-        return 1 + self.config.compression.num_tokens(self.vision.num_patches)
+        """Visual tokens per frame: the context token plus the content tokens of the pooled patches."""
+        tokens = 1 + self.vision.num_patches  # EVA keeps CLS
+        drops_cls = self.config.select_feature == "patch" and tokens % 2 == 1
+        return 1 + self.config.compression.num_tokens(tokens - 1 if drops_cls else tokens)
 
     # -- vision ------------------------------------------------------------------------------
     def preprocess(self, frames, *, pad_to_square: bool = False) -> torch.Tensor:
@@ -141,8 +144,10 @@ class LlamaVid(nn.Module):
         block_size: int = FRAME_BLOCK,
     ) -> FrameTokens:
         """features [T, N, C] + question -> tokens [T * (1 + n), H], context token first per frame."""
-        if features.ndim != 3 or features.shape[-1] != self.config.mm_hidden_size:
-            raise ValueError(f"expected features [T, N, {self.config.mm_hidden_size}], got {tuple(features.shape)}")
+        if features.ndim != 3 or features.shape[-1] != self.config.mm_hidden_size or features.shape[0] == 0:
+            raise ValueError(
+                f"expected features [T >= 1, N, {self.config.mm_hidden_size}], got {tuple(features.shape)}"
+            )
         text = self.qformer_tokenizer([question])
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         tokens, scores = [], []
@@ -179,8 +184,8 @@ class LlamaVid(nn.Module):
         question = messages[-1].content if image_turn == "last" else messages[0].content
         features = visual.features
         long_video = visual.kind == "video" and self.config.long_video
-        if long_video:
-            features = features[:, 1:] if features.shape[1] % 2 == 1 else features  # stage-3 drops CLS
+        if long_video and features.shape[1] == 1 + self.vision.num_patches:
+            features = features[:, 1:]  # stage-3 drops CLS (feats[:, 1:]), whatever the token count's parity
         frame = self.frame_tokens(features, question, with_relevance=with_relevance)
         if long_video:
             image_text = long_video_text(features.shape[0], frame.tokens_per_frame)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import InstructBlipQFormerModel
 
-from .config import CheckpointError, Compression, LlamaVidConfig
+from .config import CheckpointError, Compression, LlamaVidConfig, grid_stride
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -110,7 +110,7 @@ def pool_patches(vis: torch.Tensor, compression: Compression) -> torch.Tensor:
     if compression.kind == "mean":
         return vis.mean(dim=1, keepdim=True)
     side = int(math.sqrt(vis.shape[1]))
-    stride = side // compression.grid
+    stride = grid_stride(side, compression.grid)
     grid = vis.reshape(vis.shape[0], side, side, -1).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(grid, kernel_size=stride, stride=stride)
     return pooled.flatten(2).transpose(1, 2)

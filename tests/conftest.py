@@ -1,0 +1,37 @@
+"""Shared fixtures: random-weight LLaMA-VID checkpoints made by the project itself.
+
+``model.tiny.make_tiny`` writes a checkpoint in the released layout (sharded bf16 ``.bin`` with
+official key names, ``eva_vit_g.pth``, a CLIP processor folder, ``tokenizer.model`` and the
+Q-Former's vocabulary) in about a second, and it loads through the real loader, so nothing has
+to be downloaded. The folders are session-scoped and must be treated as read-only: a test that
+needs to change one copies it first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``tiny`` preset (56 px EVA, 16 patches, ``mean`` compression), two ``.bin`` shards + index."""
+    from model.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "llama-vid-tiny", "tiny", fmt="bin", num_shards=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint: Path):
+    """The tiny checkpoint loaded on the CPU in fp32. Shared: never modify it in a test."""
+    from model.loader import load_llamavid
+
+    return load_llamavid(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_frames() -> np.ndarray:
+    """Three random uint8 RGB frames [3, 60, 80, 3] (landscape, so the center crop matters)."""
+    return np.random.default_rng(1234).integers(0, 256, (3, 60, 80, 3), dtype=np.uint8)
