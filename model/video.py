@@ -8,8 +8,8 @@ of 1080p never sits in host memory at once.
 
 from __future__ import annotations
 
-import io
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -64,10 +64,16 @@ class VideoFile:
     def __init__(self, source: str | os.PathLike | bytes) -> None:
         import decord
 
+        self._spool = None
         if isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
                 raise VideoDecodeError("the video is empty (0 bytes)")
-            handle = io.BytesIO(bytes(source))
+            # decord's in-memory reader can crash the process on some truncated containers
+            # (AVI cut mid-stream) where its file reader fails cleanly: spool bytes to a file.
+            self._spool = tempfile.NamedTemporaryFile(prefix="llamavid-video-", suffix=".bin")
+            self._spool.write(source)
+            self._spool.flush()
+            handle = self._spool.name
         else:
             handle = str(source)
         try:
