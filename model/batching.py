@@ -28,12 +28,16 @@ class _SlotLayer(StaticLayer):
         self.owner = owner
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[0]
+        n, end = key_states.shape[0], self.owner.cursor + key_states.shape[-2]
         keys, values = self.keys[:n], self.values[:n]
-        pos = torch.arange(key_states.shape[-2], device=keys.device) + self.owner.cursor
+        pos = torch.arange(self.owner.cursor, end, device=keys.device)
         keys.index_copy_(2, pos, key_states)
         values.index_copy_(2, pos, value_states)
-        return keys, values
+        # Attend over the used prefix only, not the whole capacity.
+        return keys[:, :, :end], values[:, :, :end]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.cursor + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.owner.cursor
@@ -121,7 +125,7 @@ class BatchedDecoder:
         positions = torch.tensor([[s.length] for s in self.slots], device=device)
         self.mask[:n, cursor] = 1
         out = self.llm(
-            input_ids=ids, position_ids=positions, attention_mask=self.mask[:n], use_cache=True,
+            input_ids=ids, position_ids=positions, attention_mask=self.mask[:n, : cursor + 1], use_cache=True,
             cache_position=torch.tensor([cursor], device=device), **{_CACHE_KW: self.cache},
         )
         self.cache.cursor += 1

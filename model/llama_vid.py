@@ -10,7 +10,7 @@ The work is split along the line the feature cache needs:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,9 +44,9 @@ FRAME_BLOCK = 64  # frames per Q-Former block: bounds memory for hour-long video
 
 @dataclass
 class VisualInput:
-    """Cached EVA features of one video or image: [T, 1+P, C], CLS first."""
+    """Cached EVA features of one video or image: [T, 1+P, C] (or T tensors [1+P, C]), CLS first."""
 
-    features: torch.Tensor
+    features: torch.Tensor | Sequence[torch.Tensor]
     kind: VisualKind = "video"
 
 
@@ -137,23 +137,30 @@ class LlamaVid(nn.Module):
     @torch.inference_mode()
     def frame_tokens(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | Sequence[torch.Tensor],
         question: str,
         *,
         with_relevance: bool = False,
         block_size: int = FRAME_BLOCK,
     ) -> FrameTokens:
-        """features [T, N, C] + question -> tokens [T * (1 + n), H], context token first per frame."""
-        if features.ndim != 3 or features.shape[-1] != self.config.mm_hidden_size or features.shape[0] == 0:
-            raise ValueError(
-                f"expected features [T >= 1, N, {self.config.mm_hidden_size}], got {tuple(features.shape)}"
-            )
+        """features [T, N, C] + question -> tokens [T * (1 + n), H], context token first per frame.
+
+        ``features`` may also be a sequence of per-frame [N, C] tensors (as a feature cache returns
+        them): they are stacked one block at a time, so an hour of frames is never copied into one
+        tensor.
+        """
+        count = len(features)
+        frame_ndim = features.ndim - 1 if isinstance(features, torch.Tensor) else (features[0].ndim if count else 0)
+        if count == 0 or frame_ndim != 2 or features[0].shape[-1] != self.config.mm_hidden_size:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else f"{count} frames"
+            raise ValueError(f"expected features [T >= 1, N, {self.config.mm_hidden_size}], got {shape}")
         text = self.qformer_tokenizer([question])
         ids, mask = text.input_ids.to(self.device), text.attention_mask.to(self.device)
         tokens, scores = [], []
-        for start in range(0, features.shape[0], block_size):
-            block = features[start : start + block_size].to(self.device)
-            out, rel = self.visual(block, self.qformer, ids, mask, with_relevance=with_relevance)
+        for start in range(0, count, block_size):
+            block = features[start : start + block_size]
+            block = block if isinstance(block, torch.Tensor) else torch.stack(list(block))
+            out, rel = self.visual(block.to(self.device), self.qformer, ids, mask, with_relevance=with_relevance)
             tokens.append(out)
             if rel is not None:
                 scores.append(rel)
@@ -184,11 +191,12 @@ class LlamaVid(nn.Module):
         question = messages[-1].content if image_turn == "last" else messages[0].content
         features = visual.features
         long_video = visual.kind == "video" and self.config.long_video
-        if long_video and features.shape[1] == 1 + self.vision.num_patches:
-            features = features[:, 1:]  # stage-3 drops CLS (feats[:, 1:]), whatever the token count's parity
+        if long_video and features[0].shape[0] == 1 + self.vision.num_patches:
+            # stage-3 drops CLS (feats[:, 1:]), whatever the token count's parity
+            features = features[:, 1:] if isinstance(features, torch.Tensor) else [f[1:] for f in features]
         frame = self.frame_tokens(features, question, with_relevance=with_relevance)
         if long_video:
-            image_text = long_video_text(features.shape[0], frame.tokens_per_frame)
+            image_text = long_video_text(len(features), frame.tokens_per_frame)
             pieces = list(frame.tokens.split(1))
         else:
             image_text = IMAGE_PLACEHOLDER + "\n"

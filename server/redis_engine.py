@@ -43,6 +43,7 @@ class RedisEngine:
         self.media = RedisMediaStore(redis, ns, settings.cache_ttl_seconds)
         self.features = RedisFeatureStore(redis, namespace=ns, ttl_seconds=settings.cache_ttl_seconds)
         self._cards: tuple[float, list[dict]] = (0.0, [])
+        self._last_card: ModelCard | None = None
 
     async def _workers(self) -> list[dict]:
         stamp, cards = self._cards
@@ -62,9 +63,12 @@ class RedisEngine:
         except Exception:  # Redis down: no model known right now
             return None
         if not cards:
-            return None
+            # Every worker is gone: keep describing the model they served, so that a question
+            # reaches ask() and gets its 503 no_worker (with Retry-After) rather than "not ready".
+            return self._last_card
         card = cards[0]
-        return ModelCard(**{k: card[k] for k in ModelCard.__dataclass_fields__})
+        self._last_card = ModelCard(**{k: card[k] for k in ModelCard.__dataclass_fields__})
+        return self._last_card
 
     async def ready(self) -> dict[str, bool]:
         try:
@@ -75,9 +79,8 @@ class RedisEngine:
         return {"model": bool(await self._workers()), "cache": cache}
 
     async def extract(self, job: VideoJob) -> None:
-        if await self.queue.depth(VIDEOS) >= self.settings.video_queue_size:
+        if await self.queue.enqueue_bounded(VIDEOS, job.to_json(), self.settings.video_queue_size) is None:
             raise QueueFull("videos", retry_after=10)
-        await self.queue.enqueue(VIDEOS, job.to_json())
         self.metrics.set_queue_depth("videos", await self.queue.depth(VIDEOS))
 
     async def ask(self, job: QuestionJob) -> EventStream:
@@ -85,14 +88,13 @@ class RedisEngine:
         if not workers:
             raise APIError(503, "no GPU worker is running", code="no_worker", headers={"Retry-After": "5"})
         limit = self.settings.queue_size + self.settings.max_running * len(workers)
-        depth = await self.queue.depth(QUESTIONS)
-        self.metrics.set_queue_depth("questions", depth)
-        if depth >= limit:
-            raise QueueFull("questions", retry_after=2)
         if job.params.get("seed") is None:
             # A reclaimed job is replayed from the start; with the same seed it samples the same text.
             job.params["seed"] = random.randrange(1 << 31)
-        await self.queue.enqueue(QUESTIONS, job.to_json())
+        admitted = await self.queue.enqueue_bounded(QUESTIONS, job.to_json(), limit)
+        self.metrics.set_queue_depth("questions", await self.queue.depth(QUESTIONS))
+        if admitted is None:
+            raise QueueFull("questions", retry_after=2)
         stream = EventStream()
         stream.task = asyncio.ensure_future(self._relay(job, stream))
         return stream

@@ -28,6 +28,11 @@ GROUP = "workers"
 QUESTIONS = "questions"
 VIDEOS = "videos"
 
+_ENQUEUE_BOUNDED = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
+"""
+
 
 class RedisJobQueue:
     def __init__(self, redis: Redis, namespace: str, *, event_ttl: int = 3600) -> None:
@@ -48,6 +53,15 @@ class RedisJobQueue:
     # -- producer ----------------------------------------------------------------------------------
     async def enqueue(self, queue: str, payload: str) -> str:
         return (await self.redis.xadd(self.stream(queue), {"job": payload})).decode()
+
+    async def enqueue_bounded(self, queue: str, payload: str, limit: int) -> str | None:
+        """Enqueue unless ``limit`` entries are already unacknowledged (then ``None``).
+
+        One script, so the check and the append are atomic: a burst of requests, on one API
+        process or several, cannot all see room for one more and overshoot the bound.
+        """
+        entry = await self.redis.eval(_ENQUEUE_BOUNDED, 1, self.stream(queue), limit, payload)
+        return entry.decode() if entry else None
 
     async def depth(self, queue: str) -> int:
         """Entries not yet acknowledged: waiting plus being worked on."""

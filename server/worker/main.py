@@ -76,6 +76,8 @@ class Worker:
     async def _heartbeat(self) -> None:
         key = card_key(self.settings.redis_namespace, self.id)
         ttl = max(3, int(HEARTBEAT_SECONDS * 3))
+        # Jobs in progress must be refreshed well within the visibility timeout, or live jobs look dead.
+        interval = min(HEARTBEAT_SECONDS, self.settings.visibility_timeout / 3)
         while True:
             try:
                 await self.redis.set(key, encode_card(self.card), ex=ttl)
@@ -83,7 +85,7 @@ class Worker:
                     await self.queue.touch(queue, self.id, list(ids))
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await asyncio.sleep(interval)
 
     async def _consume(self, queue: str) -> None:
         while True:
@@ -112,6 +114,8 @@ class Worker:
                 log.warning("reclaiming %s failed: %s", queue, exc)
                 continue
             for entry_id, payload in entries:
+                if entry_id in self.inflight[queue]:
+                    continue  # its own job, still running: the refresh was late, the worker is alive
                 log.warning("reclaimed %s job %s from a worker that stopped", queue, entry_id)
                 await self.slots[queue].acquire()
                 self._start(queue, entry_id, payload)

@@ -102,7 +102,7 @@ class ModelRunner:
 
     async def _video_features(
         self, digest: str, sampling: dict, video_id: str | None, emit: Emit | None
-    ) -> tuple[torch.Tensor, Manifest]:
+    ) -> tuple[torch.Tensor | list[torch.Tensor], Manifest]:
         """Cached features, or wait for another extraction of the same video, or extract here."""
         sid = sampling_id(sampling)
         cached = await self._cached(digest, sid)
@@ -146,9 +146,13 @@ class ModelRunner:
             raise exc
 
     async def _cached(self, digest: str, sid: str) -> tuple[torch.Tensor, Manifest] | None:
+        features = None
         try:
             manifest = await self.store.get_manifest(self.model.encoder_fingerprint, digest, sid)
-            features = None if manifest is None else await self.store.get_video(manifest)
+            if manifest is not None:
+                # Per-frame references, stacked by the model one block at a time: no hour-long copy.
+                frames = await self.store.get_frames(manifest.encoder_id, digest, manifest.frame_indices)
+                features = None if any(f is None for f in frames) else frames
         finally:
             self._on_cache_access()
         return None if features is None else (features, manifest)
