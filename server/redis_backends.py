@@ -20,6 +20,16 @@ from .jobs import VideoRecord
 
 PART = 8 << 20
 
+# Field values are JSON: the status "extracting" is stored with its quotes.
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 1 end
+local updated = tonumber(redis.call('HGET', KEYS[1], 'updated_at')) or 0
+if status == '"extracting"' and tonumber(ARGV[1]) - updated <= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'status', '"extracting"', 'updated_at', ARGV[1])
+return 1
+"""
+
 
 class RedisMediaStore:
     def __init__(self, redis: Redis, namespace: str, ttl: int) -> None:
@@ -112,6 +122,10 @@ class RedisVideoRegistry:
             if record.sampling == sampling and record.status != "failed":
                 return record
         return None
+
+    async def claim(self, video_id: str, stale_after: float) -> bool:
+        """Atomically take the extraction of a video, unless another worker is at it (and alive)."""
+        return bool(await self.redis.eval(_CLAIM, 1, self._key(video_id), time.time(), stale_after))
 
     async def watch(self, video_id: str, timeout: float) -> AsyncIterator[VideoRecord]:
         """Yield the record now and whenever it changes (polled), until ready/failed/gone or timeout."""

@@ -10,7 +10,6 @@ error if the replay diverged, and never a duplicate.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -49,11 +48,7 @@ class RedisEngine:
         stamp, cards = self._cards
         if time.monotonic() - stamp < CARD_CACHE_SECONDS:
             return cards
-        cards = []
-        async for key in self.redis.scan_iter(match=f"{self.settings.redis_namespace}:worker:*", count=100):
-            raw = await self.redis.get(key)
-            if raw:
-                cards.append(json.loads(raw))
+        cards = await self.queue.live_workers()
         self._cards = (time.monotonic(), cards)
         return cards
 

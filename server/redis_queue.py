@@ -10,6 +10,7 @@ Layout under a namespace ``ns`` (every key is prefixed, so tests and tenants can
   as SSE; each event carries the attempt number, so a reclaimed job's replay is recognised.
 * ``ns:cancel:<request>``: set by the API when the client goes away; checked every decode step.
 * ``ns:attempt:<request>``: incremented by each worker that starts the job.
+* ``ns:workers`` / ``ns:worker-cards``: live workers (scored by expiry) and the model they serve.
 
 Every per-request key expires.
 """
@@ -17,6 +18,7 @@ Every per-request key expires.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -122,6 +124,15 @@ class RedisJobQueue:
             except ResponseError:
                 pass
 
+    async def owned(self, queue: str, consumer: str, entry_ids: set[str]) -> set[str]:
+        """Which of ``entry_ids`` this consumer still owns (another worker may have reclaimed some)."""
+        if not entry_ids:
+            return set()
+        pending = await self.redis.xpending_range(self.stream(queue), GROUP, min="-", max="+",
+                                                  count=max(1000, 4 * len(entry_ids)), consumername=consumer)
+        mine = {p["message_id"].decode() if isinstance(p["message_id"], bytes) else p["message_id"] for p in pending}
+        return entry_ids & mine
+
     async def ack(self, queue: str, entry_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
         pipe.xack(self.stream(queue), GROUP, entry_id)
@@ -146,13 +157,40 @@ class RedisJobQueue:
     async def cancelled(self, request_id: str) -> bool:
         return bool(await self.redis.exists(self.cancel_key(request_id)))
 
+    # -- worker membership -----------------------------------------------------------------------
+    # A sorted set of worker ids scored by when their advertisement expires, and a hash of their
+    # model cards: finding the live workers is two small reads, whatever else the Redis holds.
+    async def advertise(self, worker_id: str, card: str, ttl: float) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(f"{self.ns}:workers", {worker_id: time.time() + ttl})
+        pipe.hset(f"{self.ns}:worker-cards", worker_id, card)
+        for key in (f"{self.ns}:workers", f"{self.ns}:worker-cards"):  # gone with the last worker
+            pipe.expire(key, max(60, int(20 * ttl)))
+        await pipe.execute()
+
+    async def live_workers(self) -> list[dict]:
+        now = time.time()
+        workers, cards = f"{self.ns}:workers", f"{self.ns}:worker-cards"
+        stale = await self.redis.zrangebyscore(workers, "-inf", now)
+        if stale:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zrem(workers, *stale)
+            pipe.hdel(cards, *stale)
+            await pipe.execute()
+        live = await self.redis.zrangebyscore(workers, now, "+inf")
+        if not live:
+            return []
+        return [json.loads(raw) for raw in await self.redis.hmget(cards, live) if raw]
+
+    async def retire(self, worker_id: str) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zrem(f"{self.ns}:workers", worker_id)
+        pipe.hdel(f"{self.ns}:worker-cards", worker_id)
+        await pipe.execute()
+
     async def forget(self, request_id: str) -> None:
         await self.redis.delete(self.events_key(request_id), self.cancel_key(request_id),
                                 f"{self.ns}:attempt:{request_id}")
-
-
-def card_key(namespace: str, worker_id: str) -> str:
-    return f"{namespace}:worker:{worker_id}"
 
 
 def encode_card(card: Any) -> str:

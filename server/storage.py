@@ -33,6 +33,7 @@ class VideoRegistry(Protocol):
     async def delete(self, video_id: str) -> VideoRecord | None: ...
     async def find(self, digest: str, sampling: dict) -> VideoRecord | None: ...
     async def by_digest(self, digest: str) -> list[VideoRecord]: ...
+    async def claim(self, video_id: str, stale_after: float) -> bool: ...
     def watch(self, video_id: str, timeout: float) -> AsyncIterator[VideoRecord]: ...
 
 
@@ -136,6 +137,18 @@ class MemoryVideoRegistry:
 
     async def by_digest(self, digest: str) -> list[VideoRecord]:
         return [VideoRecord.from_dict(r.to_dict()) for r in self._records.values() if r.digest == digest]
+
+    async def claim(self, video_id: str, stale_after: float) -> bool:
+        """Mark the video as being extracted by the caller, unless someone else is at it."""
+        async with self._changed:
+            record = self._records.get(video_id)
+            if record is None:
+                return True
+            if record.status == "extracting" and time.time() - record.updated_at <= stale_after:
+                return False
+            record.status, record.updated_at = "extracting", time.time()
+            self._bump()
+            return True
 
     async def watch(self, video_id: str, timeout: float) -> AsyncIterator[VideoRecord]:
         """Yield the record now and after every change, until it is ready/failed/gone or ``timeout``."""

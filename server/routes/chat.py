@@ -85,7 +85,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
                            settings: ServerSettings):
     card = await engine.model_card()
     if card is None:
-        raise APIError(503, "no worker has reported a model yet", code="not_ready")
+        raise APIError(503, "no GPU worker is running: none has reported a model yet", code="no_worker",
+                       headers={"Retry-After": "5"})
     conversation = await conversation_from_chat(req, ingest, settings)
     check_context(conversation, card)
     job = build_job(conversation, req, settings, max_tokens=req.max_tokens or req.max_completion_tokens,

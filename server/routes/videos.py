@@ -136,7 +136,8 @@ async def delete_video(video_id: str, engine: Engine):
 async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest, settings: ServerSettings):
     card = await engine.model_card()
     if card is None:
-        raise APIError(503, "no worker has reported a model yet", code="not_ready")
+        raise APIError(503, "no GPU worker is running: none has reported a model yet", code="no_worker",
+                       headers={"Retry-After": "5"})
     turns = [(t.role, t.content) for t in req.history] + [("user", req.question)]
     conversation = Conversation(normalise_turns(turns, settings))
     if req.video_url or req.video_id:

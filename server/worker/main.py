@@ -26,7 +26,7 @@ from ..cache_metrics import CacheMetrics
 from ..jobs import QuestionJob, VideoJob, error_event
 from ..metrics import LlamaVidMetrics
 from ..redis_backends import RedisMediaStore, RedisVideoRegistry
-from ..redis_queue import QUESTIONS, VIDEOS, RedisJobQueue, card_key, encode_card
+from ..redis_queue import QUESTIONS, VIDEOS, RedisJobQueue, encode_card
 from ..settings import Settings
 from .loading import load_model, resolve_device, warmup
 from .runner import ModelRunner
@@ -47,6 +47,7 @@ class Worker:
         self.queue = RedisJobQueue(redis, settings.redis_namespace, event_ttl=int(settings.request_timeout) + 600)
         self.inflight: dict[str, set[str]] = {QUESTIONS: set(), VIDEOS: set()}
         self.slots = {QUESTIONS: asyncio.Semaphore(settings.max_running + 2), VIDEOS: asyncio.Semaphore(1)}
+        self.lost: set[str] = set()  # entries another worker reclaimed from this one
         self.stopping = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
 
@@ -59,7 +60,7 @@ class Worker:
             task.cancel()
         if self.tasks:  # let jobs in progress finish briefly; unfinished ones are reclaimed by others
             await asyncio.wait(self.tasks, timeout=10)
-        await self._retry(lambda: self.redis.delete(card_key(self.settings.redis_namespace, self.id)), once=True)
+        await self._retry(lambda: self.queue.retire(self.id), once=True)
 
     async def _retry(self, action, *, once: bool = False):
         while True:
@@ -74,15 +75,19 @@ class Worker:
                 await asyncio.sleep(1.0)
 
     async def _heartbeat(self) -> None:
-        key = card_key(self.settings.redis_namespace, self.id)
-        ttl = max(3, int(HEARTBEAT_SECONDS * 3))
+        """Advertise this worker and keep its jobs fresh; stop jobs another worker took over."""
         # Jobs in progress must be refreshed well within the visibility timeout, or live jobs look dead.
         interval = min(HEARTBEAT_SECONDS, self.settings.visibility_timeout / 3)
+        card = encode_card(self.card)
         while True:
             try:
-                await self.redis.set(key, encode_card(self.card), ex=ttl)
+                await self.queue.advertise(self.id, card, ttl=3 * HEARTBEAT_SECONDS)
                 for queue, ids in self.inflight.items():
-                    await self.queue.touch(queue, self.id, list(ids))
+                    mine = await self.queue.owned(queue, self.id, set(ids))
+                    # A job reclaimed by another worker while this one stalled is theirs now:
+                    # refreshing it would steal it back, so stop working on it instead.
+                    self.lost |= set(ids) - mine
+                    await self.queue.touch(queue, self.id, sorted(mine))
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(interval)
@@ -131,22 +136,26 @@ class Worker:
             if queue == VIDEOS:
                 await self.runner.extract(VideoJob.from_json(payload))
             else:
-                await self._answer(QuestionJob.from_json(payload))
-            await self._retry(lambda: self.queue.ack(queue, entry_id))
+                await self._answer(QuestionJob.from_json(payload), entry_id)
         except Exception:
             log.exception("job %s on %s failed", entry_id, queue)
-            await self._retry(lambda: self.queue.ack(queue, entry_id))
+        try:
+            if entry_id not in self.lost:  # a reclaimed job is acknowledged by its new owner
+                await self._retry(lambda: self.queue.ack(queue, entry_id))
         finally:
             self.inflight[queue].discard(entry_id)
+            self.lost.discard(entry_id)
             self.slots[queue].release()
 
-    async def _answer(self, job: QuestionJob) -> None:
+    async def _answer(self, job: QuestionJob, entry_id: str) -> None:
         attempt = await self._retry(lambda: self.queue.start_attempt(job.request_id))
 
         async def emit(event) -> None:
             await self._retry(lambda: self.queue.emit(job.request_id, attempt, event))
 
         async def cancelled() -> bool:
+            if entry_id in self.lost:
+                return True
             try:
                 return await self.queue.cancelled(job.request_id)
             except Exception:

@@ -113,7 +113,8 @@ class ModelRunner:
                     await self._mark_ready(video_id, cached[1])
             return cached
         key = (digest, sid)
-        if key not in self._extracting and video_id:
+        if key not in self._extracting and video_id and not await self.registry.claim(video_id, self.stall_timeout):
+            # Another worker (or request) is extracting this video: follow its progress instead.
             waited = await self._wait_for_other_worker(video_id, emit)
             if waited is not None:
                 return waited
@@ -158,18 +159,22 @@ class ModelRunner:
         return None if features is None else (features, manifest)
 
     async def _wait_for_other_worker(self, video_id: str, emit: Emit | None) -> tuple[torch.Tensor, Manifest] | None:
-        """In a split deployment another worker may be extracting this video: follow its progress."""
-        record = await self.registry.get(video_id)
-        if record is None or record.status != "extracting" or time.time() - record.updated_at > self.stall_timeout:
-            return None
-        async for record in self.registry.watch(video_id, timeout=self.stall_timeout):
-            if emit is not None:
-                await emit(_progress(record))
-            if record.terminal:
-                break
-        if record.status == "ready":
-            return await self._cached(record.digest, sampling_id(record.sampling))
-        return None
+        """Follow another extraction of this video; None if it stalls (its worker died) or vanishes."""
+        while True:
+            record = None
+            async for record in self.registry.watch(video_id, timeout=self.stall_timeout):
+                if emit is not None:
+                    await emit(_progress(record))
+                if record.terminal:
+                    break
+            if record is None:
+                return None
+            if record.status == "ready":
+                return await self._cached(record.digest, sampling_id(record.sampling))
+            if record.status == "failed":
+                raise JobError(400, record.error_code or "invalid_video", record.error or "the video failed to extract")
+            if time.time() - record.updated_at > self.stall_timeout:
+                return None  # no progress for a while: take the extraction over
 
     async def _extract_now(self, digest: str, sampling: dict, video_id: str | None) -> tuple[torch.Tensor, Manifest]:
         data = await self.media.get(digest)
