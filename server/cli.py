@@ -23,12 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         ("worker", "run a GPU worker of a split deployment (needs REDIS_URL)"),
     ):
         p = sub.add_parser(name, help=help_text, description=help_text + ". Every flag also reads LLAMAVID_<FLAG>.")
-        p.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
-        p.add_argument("--host")
-        p.add_argument("--port", type=int)
-        p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-        p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
-        p.add_argument("--redis-url")
+        _add_settings_flags(p)
         p.add_argument("--log-level", default="info")
 
     ask = sub.add_parser("ask", help="answer a question about a video or image, streaming to stdout")
@@ -76,6 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         "eval-demo": _demo,
     }[args.command]
     return handler(args)
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of ``server.settings.Settings``, documented from the field itself."""
+    try:
+        from pydantic_core import PydanticUndefined
+
+        from .settings import Settings
+    except ImportError:  # the server extra is not installed: serve/api/worker will say so when run
+        return
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True) if field.default is not PydanticUndefined or \
+            field.default_factory else None
+        env = "REDIS_URL or LLAMAVID_REDIS_URL" if name == "redis_url" else f"LLAMAVID_{name.upper()}"
+        shown = ",".join(default) if isinstance(default, list) else default
+        text = f"{field.description + '. ' if field.description else ''}[env {env}; default: {shown}]"
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=text.replace("%", "%%"))
 
 
 def _run_server(args: argparse.Namespace) -> int:
