@@ -94,8 +94,8 @@ class ChatCompletionRequest(SamplingOptions, FrameOptions):
     stream_options: StreamOptions | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported; must be 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported; must be 0")
+    presence_penalty: float = Field(0.0, description="not supported; must be 0")
+    frequency_penalty: float = Field(0.0, description="not supported; must be 0")
     logprobs: bool = Field(False, description="not supported")
     user: str | None = None
     template: str | None = None
@@ -104,6 +104,9 @@ class ChatCompletionRequest(SamplingOptions, FrameOptions):
     def _checks(self) -> "ChatCompletionRequest":
         if self.logprobs:
             raise ValueError("logprobs are not supported")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server; leave it at 0")
         return self
 
 
