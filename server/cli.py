@@ -1,4 +1,4 @@
-"""The ``llamavid`` command line: serve, api, worker, ask, parity, make-tiny, train-demo, eval-demo.
+"""The ``llamavid`` command line: serve, api, worker, ask, parity, make-tiny, train-demo, eval-demo, demo-clip.
 
 Each subcommand imports what it needs when it runs, so ``llamavid parity`` works without the
 server extras installed and ``llamavid --help`` is instant.
@@ -12,8 +12,15 @@ import logging
 import sys
 from pathlib import Path
 
+DEMO_COMMANDS = ("train-demo", "eval-demo", "demo-clip")  # parse their own flags (model/demo/cli.py)
+
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DEMO_COMMANDS:
+        from model.demo.cli import main as demo_main
+
+        return demo_main(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="llamavid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -54,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, help_text in (
         ("train-demo", "train the shipped demo model on synthetic videos"),
         ("eval-demo", "evaluate a demo model per question type, with ablations"),
+        ("demo-clip", "write a synthetic shapes clip the demo model answers questions about"),
     ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("args", nargs=argparse.REMAINDER)
+        sub.add_parser(name, help=help_text + f" (see llamavid {name} --help)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -67,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         "ask": _ask,
         "parity": _parity,
         "make-tiny": _make_tiny,
-        "train-demo": _demo,
-        "eval-demo": _demo,
     }[args.command]
     return handler(args)
 
@@ -91,8 +96,8 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_server(args: argparse.Namespace) -> int:
-    from .settings import Settings
     from .launch import run
+    from .settings import Settings
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level") and v is not None}
     settings = Settings(**overrides)
@@ -100,14 +105,14 @@ def _run_server(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from model.conversation import Message
+    from model.demo import default_model_dir
     from model.llama_vid import VisualInput
     from model.loader import load_llamavid
     from model.pipeline import decode_image, encode_image, encode_video, looks_like_image, plan_video
     from model.video import FrameSampling
-    from tqdm import tqdm
-
-    from model.demo import default_model_dir
 
     model_dir = args.model or default_model_dir()
     model = load_llamavid(model_dir, device=args.device or _auto_device(), quantization=args.quantization)
@@ -144,12 +149,6 @@ def _make_tiny(args: argparse.Namespace) -> int:
                     compress=compress, image_size=args.image_size)
     print(f"wrote a random {args.preset} LLaMA-VID checkpoint to {out}")
     return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from model.demo.cli import main as demo_main
-
-    return demo_main(args.command, args.args)
 
 
 def _auto_device() -> str:

@@ -1,15 +1,22 @@
 """The model the service and CLI use when none is given.
 
-A tiny random checkpoint, generated once into the user's cache folder: its answers are noise,
-which the service says loudly. (A trained demo checkpoint replaces it once one ships.)
+The shipped demo checkpoint (``model/demo/checkpoint/``), a tiny LLaMA-VID trained on synthetic
+coloured-shape videos by ``llamavid train-demo`` (see ``checkpoint/TRAINING.md``): it answers
+questions about such videos correctly, and nothing else. Where it is missing, a tiny *random*
+checkpoint is generated once into the user's cache folder; its answers are noise, which the
+service says loudly.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 RANDOM_TINY_NAME = "tiny-random-v1"
+SHIPPED_DIR = Path(__file__).parent / "checkpoint"
+TRAINING_RECORD = "training.json"  # written next to a checkpoint by ``llamavid train-demo``
+TRAINED_DEMO_KIND = "llamavid-demo-shapes"
 
 
 def cache_root() -> Path:
@@ -33,9 +40,27 @@ def random_tiny_dir() -> Path:
     return out
 
 
+def shipped_dir() -> Path | None:
+    """The trained demo checkpoint bundled with the package, if this install has it."""
+    return SHIPPED_DIR if (SHIPPED_DIR / "config.json").is_file() else None
+
+
 def default_model_dir() -> Path:
-    return random_tiny_dir()
+    return shipped_dir() or random_tiny_dir()
 
 
 def is_demo_model(model_dir: str | os.PathLike) -> bool:
-    return Path(model_dir).resolve() == random_tiny_dir().resolve()
+    """True for the generated *random* model (answers are noise)."""
+    return Path(model_dir).resolve() == (cache_root() / RANDOM_TINY_NAME).resolve()
+
+
+is_random_demo = is_demo_model
+
+
+def is_trained_demo(model_dir: str | os.PathLike) -> bool:
+    """True for a checkpoint written by ``llamavid train-demo`` (the shipped one or a retrained one)."""
+    record = Path(model_dir) / TRAINING_RECORD
+    try:
+        return json.loads(record.read_text()).get("kind") == TRAINED_DEMO_KIND
+    except (OSError, ValueError, AttributeError):
+        return False

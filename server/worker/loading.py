@@ -44,11 +44,20 @@ def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
         log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
                     "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s", BANNER, model_dir, BANNER)
     card = ModelCard(
-        id=Path(model_dir).name or str(model_dir), path=str(model_dir), demo=demo,
+        id=_model_id(model_dir, demo), path=str(model_dir), demo=demo,
         tokens_per_frame=model.tokens_per_frame(), context_length=model.context_length,
         device=str(device), dtype=str(model.dtype).removeprefix("torch."),
     )
     return model, card
+
+
+def _model_id(model_dir: str, demo: str | None) -> str:
+    """The folder's name, except for the bundled demo, whose folder is just ``checkpoint``."""
+    from model import demo as bundled
+
+    if demo == "trained" and bundled.shipped_dir() is not None and Path(model_dir).resolve() == bundled.SHIPPED_DIR.resolve():
+        return bundled.TRAINED_DEMO_KIND
+    return Path(model_dir).name or str(model_dir)
 
 
 def _demo_kind(model_dir: str) -> str | None:
@@ -57,8 +66,7 @@ def _demo_kind(model_dir: str) -> str | None:
 
     if Path(model_dir).resolve() == (demo.cache_root() / demo.RANDOM_TINY_NAME).resolve():
         return "random"
-    is_trained = getattr(demo, "is_trained_demo", None)
-    return "trained" if is_trained is not None and is_trained(model_dir) else None
+    return "trained" if demo.is_trained_demo(model_dir) else None
 
 
 @torch.inference_mode()

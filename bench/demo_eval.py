@@ -1,0 +1,107 @@
+"""Demo-model evaluation: accuracy per question type and the token ablations, through the service's path.
+
+Every clip is a fresh seeded H.264 file (seeds disjoint from training), decoded with decord via
+``plan_video`` / ``encode_video``, prompted with ``LlamaVid.prepare`` and answered greedily with
+``LlamaVid.stream``; see ``model/demo/evaluate.py`` for the ablations. Two more conditions read
+the features back through the feature cache's blob formats (``cache/serialize.py``: float16, the
+default, and int8), so the effect of int8 storage is measured on answers and on the tokens.
+
+    python bench/demo_eval.py [--model model/demo/checkpoint --seed 1 --per-type 50]
+        -> bench/results/demo_eval.json (summary, markdown table, every answer)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch
+
+from cache.serialize import decode, encode
+from model.demo import data, default_model_dir, is_trained_demo
+from model.demo.evaluate import (
+    ABLATIONS,
+    binding_chance,
+    encode_file,
+    eval_clips,
+    markdown_table,
+    run_eval,
+    summarise,
+)
+from model.loader import load_llamavid
+
+
+def through_cache(fmt: str):
+    """Features as a worker reads them back from a store that writes ``fmt`` blobs, one per frame."""
+    def round_trip(features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([decode(encode(frame, fmt)) for frame in features]).to(features.dtype)
+    return round_trip
+
+
+VARIANTS = {"fp16_cache": through_cache("float16"), "int8_cache": through_cache("int8")}
+
+
+def token_error(model, seed: int, clips: int, fmt: str) -> dict[str, float]:
+    """Relative error of the two tokens per frame built from ``fmt`` blobs against fp32 features."""
+    errors: dict[str, list[float]] = {"context": [], "content": [], "features": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for clip_seed, qtype in eval_clips(seed, clips)[:clips]:
+            example = data.make_example(clip_seed, qtype)
+            features = encode_file(model, data.write_clip(example.scene, Path(tmp) / "clip.mp4"))
+            stored = through_cache(fmt)(features)
+            ref = model.frame_tokens(features, example.qa.question).tokens.float()
+            got = model.frame_tokens(stored, example.qa.question).tokens.float()
+            for name, (a, b) in {"context": (got[0::2], ref[0::2]), "content": (got[1::2], ref[1::2]),
+                                 "features": (stored.float(), features.float())}.items():
+                errors[name].append(((a - b).norm() / b.norm()).item())
+    return {name: round(max(v), 5) for name, v in errors.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--per-type", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_eval.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = args.model or default_model_dir()
+    if not is_trained_demo(folder):
+        print(f"warning: {folder} is not a trained demo checkpoint; expect chance-level answers", file=sys.stderr)
+    model = load_llamavid(folder, device="cpu")
+    started = time.perf_counter()
+    records = run_eval(model, seed=args.seed, per_type=args.per_type, ablations=list(ABLATIONS),
+                       feature_variants=VARIANTS)
+    seconds = time.perf_counter() - started
+    summary = summarise(records)
+    table = markdown_table(summary, records)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "model": str(folder),
+        "seed": args.seed,
+        "clips_per_type": args.per_type,
+        "questions": len(records),
+        "seconds": round(seconds, 1),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "binding_chance_among_shapes_in_view": round(binding_chance(records), 4),
+        "max_relative_error_vs_fp32": {fmt: token_error(model, args.seed, 20, fmt) for fmt in ("float16", "int8")},
+        "summary": {k: {t: round(v, 4) for t, v in row.items()} for k, row in summary.items()},
+        "table": table,
+        "records": [r.__dict__ for r in records],
+    }, indent=2) + "\n")
+    print(f"{len(records)} questions x {len(ABLATIONS) + len(VARIANTS)} conditions in {seconds:.0f}s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Evaluate a demo model through the service's own path, per question type, with ablations.
+
+Every clip is written as an H.264 file, then read back exactly as the service reads media:
+``plan_video`` + ``encode_video`` (decord, CLIP preprocessing, EVA), ``LlamaVid.prepare`` and
+greedy ``LlamaVid.stream``. Ablations are applied from outside the model code:
+
+* ``no_context`` / ``no_content``: a forward hook on the visual head sets that token of every
+  frame to the zero vector before it is spliced into the LLM's input;
+* ``qformer_blank``: the Q-Former reads an empty question (its tokenizer is wrapped), while the
+  LLM's prompt still holds the question; the context token no longer knows what is asked;
+* ``prompt_blank``: the LLM's prompt holds an empty question while the Q-Former still reads it;
+  the answer must then come from what the context token carries;
+* ``both_blank``: neither sees the question.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..conversation import Message
+from ..llama_vid import LlamaVid, PreparedPrompt, VisualInput
+from ..pipeline import encode_video, plan_video
+from ..qformer import QFormerText
+from ..video import FrameSampling
+from . import data
+
+EVAL_SEED_BASE = 2_000_000_000  # clip seeds for evaluation: disjoint from every training seed
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    zero_context: bool = False
+    zero_content: bool = False
+    qformer_sees_question: bool = True
+    prompt_has_question: bool = True
+    description: str = ""
+
+
+ABLATIONS: dict[str, Ablation] = {
+    a.name: a
+    for a in (
+        Ablation("full", description="both tokens, question everywhere"),
+        Ablation("no_context", zero_context=True, description="context token zeroed"),
+        Ablation("no_content", zero_content=True, description="content token zeroed"),
+        Ablation("qformer_blank", qformer_sees_question=False, description="Q-Former reads an empty question"),
+        Ablation("prompt_blank", prompt_has_question=False, description="LLM prompt has an empty question"),
+        Ablation("both_blank", qformer_sees_question=False, prompt_has_question=False,
+                 description="no question anywhere"),
+    )
+}
+
+VARIANT_LABELS = {  # conditions ``bench/demo_eval.py`` adds through ``feature_variants``
+    "fp16_cache": "features read back from fp16 cache blobs (the default store)",
+    "int8_cache": "features read back from int8 cache blobs",
+}
+
+
+class _FixedQuestion:
+    """Stands in for the Q-Former tokenizer: tokenizes ``text`` whatever it is asked."""
+
+    def __init__(self, inner, text: str) -> None:
+        self.inner, self.text = inner, text
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __call__(self, prompts: list[str]) -> QFormerText:
+        return self.inner([self.text] * len(prompts))
+
+
+@contextmanager
+def ablated(model: LlamaVid, ablation: Ablation, question: str) -> Iterator[None]:
+    """Apply ``ablation`` to ``model`` for one question; the model is restored on exit."""
+    handle = None
+    if ablation.zero_context or ablation.zero_content:
+        def zero_tokens(_module, _inputs, output):
+            tokens, relevance = output
+            tokens = tokens.clone()
+            if ablation.zero_context:
+                tokens[:, 0] = 0
+            if ablation.zero_content:
+                tokens[:, 1:] = 0
+            return tokens, relevance
+
+        handle = model.visual.register_forward_hook(zero_tokens)
+    original = model.qformer_tokenizer
+    # prepare() hands the Q-Former the prompt's question: pin the text the Q-Former really reads.
+    model.qformer_tokenizer = _FixedQuestion(original, question if ablation.qformer_sees_question else "")
+    try:
+        yield
+    finally:
+        model.qformer_tokenizer = original
+        if handle is not None:
+            handle.remove()
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^a-z ]", "", text.lower()).strip()
+
+
+def prepare(model: LlamaVid, features: torch.Tensor, question: str, ablation: Ablation = ABLATIONS["full"]) -> PreparedPrompt:
+    """``LlamaVid.prepare`` for one question under ``ablation``."""
+    with ablated(model, ablation, question):
+        prompt_text = question if ablation.prompt_has_question else ""
+        return model.prepare([Message("user", prompt_text)], VisualInput(features, "video"))
+
+
+def answer(model: LlamaVid, features: torch.Tensor, question: str, ablation: Ablation = ABLATIONS["full"],
+           *, max_new_tokens: int = 8) -> str:
+    """Greedy answer through ``prepare`` + ``stream``, the service's generation path."""
+    prepared = prepare(model, features, question, ablation)
+    params = model.params(temperature=0.0, max_new_tokens=max_new_tokens)
+    return "".join(delta.text for delta in model.stream(prepared, params))
+
+
+def encode_file(model: LlamaVid, path: str | Path, fps: float = data.CLIP_FPS) -> torch.Tensor:
+    """The service's media path: decord plan + decode, CLIP preprocessing, EVA."""
+    video, indices = plan_video(str(path), FrameSampling(fps=fps))
+    return encode_video(model, video, indices).features
+
+
+@dataclass
+class Record:
+    seed: int
+    qtype: str
+    question: str
+    expected: str
+    num_shapes: int
+    answers: dict[str, str]  # ablation -> model answer
+
+
+def eval_clips(seed: int, per_type: int) -> list[tuple[int, str]]:
+    """(clip seed, question type) pairs: ``per_type`` fresh clips for every type."""
+    base = EVAL_SEED_BASE + seed * 1_000_000
+    return [(base + i * len(data.QUESTION_TYPES) + j, t) for i in range(per_type) for j, t in enumerate(data.QUESTION_TYPES)]
+
+
+def run_eval(
+    model: LlamaVid,
+    *,
+    seed: int = 1,
+    per_type: int = 50,
+    ablations: list[str] | None = None,
+    feature_variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    progress=None,
+) -> list[Record]:
+    """Every question of the clip's type, on ``per_type`` clips per type, under each ablation.
+
+    ``feature_variants`` adds conditions that change the cached features instead of the model
+    (e.g. an int8 round trip through a feature store); each is answered with both tokens.
+    """
+    names = ablations or list(ABLATIONS)
+    variants = feature_variants or {}
+    records: list[Record] = []
+    clips = eval_clips(seed, per_type)
+    with tempfile.TemporaryDirectory() as tmp:
+        for clip_seed, qtype in clips:
+            example = data.make_example(clip_seed, qtype)
+            path = data.write_clip(example.scene, Path(tmp) / f"clip-{clip_seed}.mp4")
+            features = encode_file(model, path)
+            altered = {name: change(features) for name, change in variants.items()}
+            qas = [qa for qa in data.questions(example.scene, random.Random(clip_seed)) if qa.qtype == qtype]
+            for qa in qas:
+                answers = {name: answer(model, features, qa.question, ABLATIONS[name]) for name in names}
+                answers.update({name: answer(model, changed, qa.question) for name, changed in altered.items()})
+                records.append(Record(clip_seed, qtype, qa.question, qa.answer, len(example.scene.shapes), answers))
+            if progress is not None:
+                progress(len(records))
+    return records
+
+
+def summarise(records: list[Record]) -> dict[str, dict[str, float]]:
+    """ablation -> {question type: accuracy, "overall": mean over types, "all": over questions}."""
+    out: dict[str, dict[str, float]] = {}
+    names = list(records[0].answers) if records else []
+    for name in names:
+        by_type: dict[str, list[bool]] = {}
+        for r in records:
+            by_type.setdefault(r.qtype, []).append(normalise(r.answers[name]) == r.expected)
+        row = {t: sum(v) / len(v) for t, v in by_type.items()}
+        row["overall"] = sum(row.values()) / len(row)
+        row["all"] = sum(sum(v) for v in by_type.values()) / sum(len(v) for v in by_type.values())
+        out[name] = row
+    return out
+
+
+def binding_chance(records: list[Record]) -> float:
+    """Binding accuracy of a guess among the shapes in view (what a colour-mixing token allows)."""
+    bind = [r for r in records if r.qtype == "binding"]
+    return sum(1 / r.num_shapes for r in bind) / max(1, len(bind))
+
+
+def markdown_table(summary: dict[str, dict[str, float]], records: list[Record]) -> str:
+    types = list(data.QUESTION_TYPES)
+    counts = {t: sum(r.qtype == t for r in records) for t in types}
+    head = "| condition | " + " | ".join(f"{t} (n={counts[t]})" for t in types) + " | overall | all questions |"
+    lines = [head, "|" + "---|" * (len(types) + 3)]
+    for name, row in summary.items():
+        cells = [f"{100 * row.get(t, float('nan')):.1f}" for t in types]
+        label = f"{name}: {(ABLATIONS[name].description if name in ABLATIONS else VARIANT_LABELS.get(name, ''))}"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['overall']:.1f} | {100 * row['all']:.1f} |")
+    lines.append(
+        f"| chance (guessing among the shapes in view for binding; uniform otherwise) | "
+        f"{100 * binding_chance(records):.1f} | – | 33.3 | 50.0 | – | – |"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The shipped demo checkpoint: the default model, in the official layout, recorded, and still right.
+
+A change to the loader, the tokens or the prompt that breaks the released-checkpoint path breaks
+these answers too; the full table (50 clips per type, every ablation) is ``bench/demo_eval.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from model.demo import SHIPPED_DIR, TRAINED_DEMO_KIND, default_model_dir, is_trained_demo, shipped_dir
+from model.demo.evaluate import run_eval, summarise
+from server.cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from model.loader import load_llamavid
+
+    assert shipped_dir() == SHIPPED_DIR, "model/demo/checkpoint is missing"
+    return load_llamavid(SHIPPED_DIR, device="cpu")
+
+
+def test_it_is_the_default_model_and_in_the_official_layout():
+    assert default_model_dir() == SHIPPED_DIR and is_trained_demo(SHIPPED_DIR)
+    names = {p.name for p in SHIPPED_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model", "qformer_tokenizer", "eva_vit_g.pth"} <= names
+    config = json.loads((SHIPPED_DIR / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["mm_vision_tower"].endswith("eva_vit_g.pth")
+    assert sum(p.stat().st_size for p in SHIPPED_DIR.rglob("*") if p.is_file()) < 20 * 2**20
+
+
+def test_training_record_names_command_and_seed():
+    record = json.loads((SHIPPED_DIR / "training.json").read_text())
+    assert record["kind"] == TRAINED_DEMO_KIND
+    assert record["command"].startswith("llamavid train-demo ") and "--seed" in record["command"]
+    assert record["seed"] == record["config"]["seed"]
+    assert record["command"] in (SHIPPED_DIR / "TRAINING.md").read_text()
+
+
+def test_answers_fresh_clips_and_needs_the_context_token_for_binding(shipped):
+    records = run_eval(shipped, seed=7, per_type=6, ablations=["full", "no_context"])
+    summary = summarise(records)
+    assert summary["full"]["overall"] >= 0.8, summary
+    assert summary["full"]["binding"] >= 0.75, summary
+    assert summary["no_context"]["binding"] <= summary["full"]["binding"] - 0.25, summary
+
+
+def test_eval_demo_command_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert cli_main(["eval-demo", "--per-type", "1", "--ablations", "full,no_content", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == str(SHIPPED_DIR) and set(report["summary"]) == {"full", "no_content"}
+    assert "| full: both tokens" in capsys.readouterr().out
+
+
+def test_train_demo_help_lists_its_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train-demo", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--seed" in text and "--out" in text and "--vision-steps" in text
