@@ -179,7 +179,7 @@ def run_eval(
 
 
 def summarise(records: list[Record]) -> dict[str, dict[str, float]]:
-    """ablation -> {question type: accuracy, "overall": mean over types, "all": over questions}."""
+    """ablation -> {question type: accuracy, "overall": over all questions, "mean_of_types": macro average}."""
     out: dict[str, dict[str, float]] = {}
     names = list(records[0].answers) if records else []
     for name in names:
@@ -187,8 +187,8 @@ def summarise(records: list[Record]) -> dict[str, dict[str, float]]:
         for r in records:
             by_type.setdefault(r.qtype, []).append(normalise(r.answers[name]) == r.expected)
         row = {t: sum(v) / len(v) for t, v in by_type.items()}
-        row["overall"] = sum(row.values()) / len(row)
-        row["all"] = sum(sum(v) for v in by_type.values()) / sum(len(v) for v in by_type.values())
+        row["mean_of_types"] = sum(row.values()) / len(row)
+        row["overall"] = sum(sum(v) for v in by_type.values()) / sum(len(v) for v in by_type.values())
         out[name] = row
     return out
 
@@ -202,12 +202,12 @@ def binding_chance(records: list[Record]) -> float:
 def markdown_table(summary: dict[str, dict[str, float]], records: list[Record]) -> str:
     types = list(data.QUESTION_TYPES)
     counts = {t: sum(r.qtype == t for r in records) for t in types}
-    head = "| condition | " + " | ".join(f"{t} (n={counts[t]})" for t in types) + " | overall | all questions |"
+    head = "| condition | " + " | ".join(f"{t} (n={counts[t]})" for t in types) + " | overall (all questions) | mean of types |"
     lines = [head, "|" + "---|" * (len(types) + 3)]
     for name, row in summary.items():
         cells = [f"{100 * row.get(t, float('nan')):.1f}" for t in types]
         label = f"{name}: {(ABLATIONS[name].description if name in ABLATIONS else VARIANT_LABELS.get(name, ''))}"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['overall']:.1f} | {100 * row['all']:.1f} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * row['overall']:.1f} | {100 * row['mean_of_types']:.1f} |")
     lines.append(
         f"| chance (guessing among the shapes in view for binding; uniform otherwise) | "
         f"{100 * binding_chance(records):.1f} | – | 33.3 | 50.0 | – | – |"

@@ -4,8 +4,10 @@ The whole architecture trains at tiny size: EVA tower, Q-Former with learned que
 the question, context attention, mean-pooled content token, both projectors and the LLaMA
 decoder, with next-token loss on the answer only. The prompt comes from ``LlamaVid.prepare``
 itself (cached per question), and the visual tokens are spliced by ``splice_embeddings``, so
-training and serving build the same sequence. Runs are deterministic for a given seed, thread
-count and step count.
+training and serving build the same sequence. Data, initialisation and batch order are fixed by
+the seed and short runs repeat bit for bit; over thousands of steps the CPU kernels' rounding
+(which can depend on memory alignment) makes two full runs drift apart slightly, so a rerun
+reproduces the accuracy, not the exact weights.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def test_summary_and_table():
     ]
     assert normalise(" Red.") == "red"
     summary = summarise(records)
-    assert summary["full"] == {"binding": 1.0, "counting": 1.0, "overall": 1.0, "all": 1.0}
+    assert summary["full"] == {"binding": 1.0, "counting": 1.0, "mean_of_types": 1.0, "overall": 1.0}
     assert summary["no_context"]["binding"] == 0.5 and summary["no_context"]["counting"] == 0.0
     table = markdown_table(summary, records)
     assert "| full: both tokens" in table and "binding (n=2)" in table and "50.0" in table
