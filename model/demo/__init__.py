@@ -54,9 +54,6 @@ def is_demo_model(model_dir: str | os.PathLike) -> bool:
     return Path(model_dir).resolve() == (cache_root() / RANDOM_TINY_NAME).resolve()
 
 
-is_random_demo = is_demo_model
-
-
 def is_trained_demo(model_dir: str | os.PathLike) -> bool:
     """True for a checkpoint written by ``llamavid train-demo`` (the shipped one or a retrained one)."""
     record = Path(model_dir) / TRAINING_RECORD

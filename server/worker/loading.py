@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model import demo
 from model.conversation import Message
-from model.demo import default_model_dir
 from model.llama_vid import LlamaVid, VisualInput
 from model.loader import load_llamavid
 
@@ -28,7 +28,7 @@ def resolve_device(setting: str | None) -> torch.device:
 
 
 def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
-    model_dir = settings.model or str(default_model_dir())
+    model_dir = settings.model or str(demo.default_model_dir())
     device = resolve_device(settings.device)
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
     model = load_llamavid(
@@ -36,35 +36,31 @@ def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
         image_processor=settings.image_processor, qformer_tokenizer=settings.qformer_tokenizer,
         quantization=settings.quantization,
     )
-    demo = _demo_kind(model_dir)
-    if demo == "random":
+    demo_kind = _demo_kind(model_dir)
+    if demo_kind == "random":
         log.warning("\n%s\n  NO MODEL GIVEN: serving a tiny RANDOM LLaMA-VID (%s).\n  Its answers are noise. "
                     "Start with --model DIR (or LLAMAVID_MODEL) for real answers.\n%s", BANNER, model_dir, BANNER)
-    elif demo == "trained":
+    elif demo_kind == "trained":
         log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
                     "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s", BANNER, model_dir, BANNER)
     card = ModelCard(
-        id=_model_id(model_dir, demo), path=str(model_dir), demo=demo,
+        id=_model_id(model_dir, demo_kind), path=str(model_dir), demo=demo_kind,
         tokens_per_frame=model.tokens_per_frame(), context_length=model.context_length,
         device=str(device), dtype=str(model.dtype).removeprefix("torch."),
     )
     return model, card
 
 
-def _model_id(model_dir: str, demo: str | None) -> str:
+def _model_id(model_dir: str, demo_kind: str | None) -> str:
     """The folder's name, except for the bundled demo, whose folder is just ``checkpoint``."""
-    from model import demo as bundled
-
-    if demo == "trained" and bundled.shipped_dir() is not None and Path(model_dir).resolve() == bundled.SHIPPED_DIR.resolve():
-        return bundled.TRAINED_DEMO_KIND
+    if demo_kind == "trained" and Path(model_dir).resolve() == demo.SHIPPED_DIR.resolve():
+        return demo.TRAINED_DEMO_KIND
     return Path(model_dir).name or str(model_dir)
 
 
 def _demo_kind(model_dir: str) -> str | None:
     """"random" for the generated noise model, "trained" for the bundled synthetic-shapes demo."""
-    from model import demo
-
-    if Path(model_dir).resolve() == (demo.cache_root() / demo.RANDOM_TINY_NAME).resolve():
+    if demo.is_demo_model(model_dir):
         return "random"
     return "trained" if demo.is_trained_demo(model_dir) else None
 
