@@ -6,7 +6,7 @@ Every clip is a fresh seeded H.264 file (seeds disjoint from training), decoded 
 the features back through the feature cache's blob formats (``cache/serialize.py``: float16, the
 default, and int8), so the effect of int8 storage is measured on answers and on the tokens.
 
-    python bench/demo_eval.py [--model model/demo/checkpoint --seed 1 --per-type 50]
+    python bench/demo_eval.py [--model model/demo/checkpoint --seed 1 --per-type 100]
         -> bench/results/demo_eval.json (summary, markdown table, every answer)
 """
 
@@ -35,6 +35,7 @@ from model.demo.evaluate import (
     markdown_table,
     run_eval,
     summarise,
+    time_breakdown,
 )
 from model.loader import load_llamavid
 
@@ -69,7 +70,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--per-type", type=int, default=50)
+    p.add_argument("--per-type", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "demo_eval.json")
     args = p.parse_args()
@@ -85,6 +86,7 @@ def main() -> int:
     summary = summarise(records)
     table = markdown_table(summary, records)
     print(table)
+    print("time questions, both tokens:", ", ".join(f"{k} {v['right']}/{v['asked']}" for k, v in time_breakdown(records).items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": str(folder),
@@ -94,6 +96,7 @@ def main() -> int:
         "seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "binding_chance_among_shapes_in_view": round(binding_chance(records), 4),
+        "time_questions_full": time_breakdown(records),
         "max_relative_error_vs_fp32": {fmt: token_error(model, args.seed, 20, fmt) for fmt in ("float16", "int8")},
         "summary": {k: {t: round(v, 4) for t, v in row.items()} for k, row in summary.items()},
         "table": table,

@@ -160,10 +160,10 @@ class LlamaVid(nn.Module):
         for start in range(0, count, block_size):
             block = features[start : start + block_size]
             block = block if isinstance(block, torch.Tensor) else torch.stack(list(block))
-            out, rel = self.visual(block.to(self.device), self.qformer, ids, mask, with_relevance=with_relevance)
-            tokens.append(out)
-            if rel is not None:
-                scores.append(rel)
+            out = self.visual(block.to(self.device), self.qformer, ids, mask, with_relevance=with_relevance)
+            tokens.append(out.tokens)
+            if out.relevance is not None:
+                scores.append(out.relevance)
         stacked = torch.cat(tokens)
         return FrameTokens(
             tokens=stacked.flatten(0, 1),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,12 @@ class FrameTokens:
     relevance: torch.Tensor | None = None  # [T]: log-sum-exp attention logit, averaged over queries
 
 
+class HeadOutput(NamedTuple):
+    tokens: torch.Tensor  # [N, 1 + n, H]: the context token, then the content token(s)
+    relevance: torch.Tensor | None  # [N]: log-sum-exp attention logit, averaged over queries
+    attention: torch.Tensor | None  # [N, P]: the context attention over patches, averaged over queries
+
+
 class LlamaVidVisualHead(nn.Module):
     """The ``vlm_att_*`` modules and ``mm_projector`` of the official model."""
 
@@ -75,8 +82,13 @@ class LlamaVidVisualHead(nn.Module):
         attention_mask: torch.Tensor,
         *,
         with_relevance: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """features [N, T_tok, C], question ids [1, L] -> tokens [N, 1 + n, H] (and relevance [N])."""
+        with_attention: bool = False,
+    ) -> HeadOutput:
+        """features [N, T_tok, C], question ids [1 or N, L] -> tokens [N, 1 + n, H].
+
+        ``with_attention`` returns the query-averaged attention the context token is made with,
+        so training can supervise where it looks (the demo's grounding term) without re-deriving it.
+        """
         n = features.shape[0]
         dtype = self.query.dtype
         features = features.to(dtype)
@@ -96,11 +108,14 @@ class LlamaVidVisualHead(nn.Module):
         vis = self.patches(features)
         keys = self.key_projector(vis)
         logits = (text_q @ keys.transpose(-1, -2)) / math.sqrt(vis.shape[-1])
-        context = (logits.softmax(-1) @ vis).mean(1)
-        context = self.context_projector(context[:, None])
+        weights = logits.softmax(-1)
+        context = self.context_projector((weights @ vis).mean(1, keepdim=True))
         content = self.content_projector(pool_patches(vis, self.compression))
-        relevance = torch.logsumexp(logits.float(), dim=-1).mean(-1) if with_relevance else None
-        return torch.cat((context, content), dim=1), relevance
+        return HeadOutput(
+            tokens=torch.cat((context, content), dim=1),
+            relevance=torch.logsumexp(logits.float(), dim=-1).mean(-1) if with_relevance else None,
+            attention=weights.mean(1) if with_attention else None,
+        )
 
 
 def pool_patches(vis: torch.Tensor, compression: Compression) -> torch.Tensor:

@@ -98,6 +98,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         steps=args.steps, vision_steps=args.vision_steps, qformer_steps=args.qformer_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, clips=args.clips,
         eval_every=args.eval_every, threads=args.threads, workers=args.workers, max_minutes=args.minutes,
     )
+    shipped = _shipped_digests(cfg)  # read first: the recorded command writes over the shipped folder
     started = time.perf_counter()
     cpu0 = time.process_time()
     _, summary = train(cfg, args.out, progress=not args.no_progress)
@@ -121,9 +122,29 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     (Path(args.out) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     _write_training_md(Path(args.out), record)
     print(f"wrote {args.out} in {record['wall_seconds']:.0f}s; held-out accuracy {summary['held_out']}")
+    if shipped:
+        print(_reproduction_line(shipped, summary["weights_sha256"]))
     if "eval" in record:
         print(record["eval"]["table"])
     return 0
+
+
+def _shipped_digests(cfg) -> dict[str, str] | None:
+    """The shipped checkpoint's weight digests per stage, if it was trained with this very config."""
+    from .train import config_dict
+
+    path = SHIPPED_DIR / TRAINING_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record.get("weights_sha256") if record.get("config") == config_dict(cfg) else None
+
+
+def _reproduction_line(shipped: dict[str, str], ours: dict[str, str]) -> str:
+    differ = [stage for stage, digest in ours.items() if shipped.get(stage) != digest]
+    if not differ:
+        return f"same config as the shipped checkpoint: weights identical bit for bit (sha256 {ours['final'][:16]})"
+    return f"same config as the shipped checkpoint, but the weights differ from {differ[0]} on"
 
 
 def model_from(folder: Path):
@@ -148,6 +169,12 @@ def _write_training_md(out: Path, record: dict) -> None:
         f"- final loss {record['final_loss']}, held-out exact match {record['held_out']}",
         "- the full record (config, learning curve) is in `training.json`",
     ]
+    if "weights_sha256" in record:
+        digests = ", ".join(f"{stage} `{digest[:16]}`" for stage, digest in record["weights_sha256"].items())
+        lines.append(f"- weights SHA-256 after each stage: {digests}; rerunning the command (any `--out`) prints "
+                     "whether the rerun's weights match these bit for bit")
+    for rerun in record.get("reruns", []):
+        lines.append(f"- rerun ({rerun['when']}, {rerun['wall_seconds'] / 60:.1f} min): {rerun['result']}")
     if "eval" in record:
         lines += ["", "## Evaluation (`llamavid eval-demo`)", "", record["eval"]["table"]]
     (out / "TRAINING.md").write_text("\n".join(lines) + "\n")

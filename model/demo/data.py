@@ -187,7 +187,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape, t: int, scene: Scene, fill=No
 
 
 def encode_clip(frames: np.ndarray, *, fps: float = CLIP_FPS, crf: int = 18) -> bytes:
-    """H.264 (libx264, yuv420p) in MP4, what a phone or ffmpeg would hand the service."""
+    """H.264 (libx264, yuv420p) in MP4, what a phone or ffmpeg would hand the service.
+
+    x264 runs without its assembly: with it, the bytes out depend on where the input sits in
+    memory (alignment, heap contents), so the same frames could encode differently from one
+    process to the next (2 clips in 80) and two training runs of the same seed saw different
+    pixels. The C paths are deterministic, and at these frame sizes hardly slower.
+    """
     from fractions import Fraction
 
     import av
@@ -196,7 +202,7 @@ def encode_clip(frames: np.ndarray, *, fps: float = CLIP_FPS, crf: int = 18) -> 
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+        stream.options = {"crf": str(crf), "preset": "medium", "threads": "1", "x264-params": "asm=0"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 out.mux(packet)

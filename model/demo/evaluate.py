@@ -83,13 +83,12 @@ def ablated(model: LlamaVid, ablation: Ablation, question: str) -> Iterator[None
     handle = None
     if ablation.zero_context or ablation.zero_content:
         def zero_tokens(_module, _inputs, output):
-            tokens, relevance = output
-            tokens = tokens.clone()
+            tokens = output.tokens.clone()
             if ablation.zero_context:
                 tokens[:, 0] = 0
             if ablation.zero_content:
                 tokens[:, 1:] = 0
-            return tokens, relevance
+            return output._replace(tokens=tokens)
 
         handle = model.visual.register_forward_hook(zero_tokens)
     original = model.qformer_tokenizer
@@ -190,6 +189,20 @@ def summarise(records: list[Record]) -> dict[str, dict[str, float]]:
         row["mean_of_types"] = sum(row.values()) / len(row)
         row["overall"] = sum(sum(v) for v in by_type.values()) / sum(len(v) for v in by_type.values())
         out[name] = row
+    return out
+
+
+TIME_QUESTIONS = {"appears": "What appears", "disappears": "What disappears", "direction": "Which way"}
+
+
+def time_breakdown(records: list[Record], condition: str = "full") -> dict[str, dict[str, int]]:
+    """Time questions by kind (what appears, what disappears, which way a shape moves): right / asked."""
+    out = {kind: {"right": 0, "asked": 0} for kind in TIME_QUESTIONS}
+    for r in records:
+        kind = next((k for k, start in TIME_QUESTIONS.items() if r.question.startswith(start)), None)
+        if r.qtype == "time" and kind is not None:
+            out[kind]["asked"] += 1
+            out[kind]["right"] += normalise(r.answers[condition]) == r.expected
     return out
 
 

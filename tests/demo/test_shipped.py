@@ -1,7 +1,7 @@
 """The shipped demo checkpoint: the default model, in the official layout, recorded, and still right.
 
 A change to the loader, the tokens or the prompt that breaks the released-checkpoint path breaks
-these answers too; the full table (50 clips per type, every ablation) is ``bench/demo_eval.py``.
+these answers too; the full table (100 clips per type, every ablation) is ``bench/demo_eval.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import json
 import pytest
 
 from model.demo import SHIPPED_DIR, TRAINED_DEMO_KIND, default_model_dir, is_trained_demo, shipped_dir
+from model.demo.cli import _reproduction_line, _shipped_digests
 from model.demo.evaluate import run_eval, summarise
+from model.demo.train import TrainConfig
 from server.cli import main as cli_main
 
 
@@ -38,6 +40,17 @@ def test_training_record_names_command_and_seed():
     assert record["command"].startswith("llamavid train-demo ") and "--seed" in record["command"]
     assert record["seed"] == record["config"]["seed"]
     assert record["command"] in (SHIPPED_DIR / "TRAINING.md").read_text()
+    assert set(record["weights_sha256"]) == {"stage1_vision", "stage2_qformer", "final"}
+
+
+def test_a_rerun_of_the_recorded_command_is_checked_against_the_shipped_weights():
+    # The recorded command uses the defaults, so a rerun compares itself with the shipped digests.
+    digests = _shipped_digests(TrainConfig())
+    record = json.loads((SHIPPED_DIR / "training.json").read_text())
+    assert digests == record["weights_sha256"]
+    assert "identical bit for bit" in _reproduction_line(digests, dict(digests))
+    assert "differ from stage2_qformer on" in _reproduction_line(digests, {**digests, "stage2_qformer": "0", "final": "0"})
+    assert _shipped_digests(TrainConfig(steps=10)) is None  # another config: nothing to compare with
 
 
 def test_answers_fresh_clips_and_needs_the_context_token_for_binding(shipped):

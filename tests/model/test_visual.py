@@ -159,3 +159,19 @@ def test_relevance_scores(tiny_model, tiny_frames) -> None:
     frame = tiny_model.frame_tokens(features, "what?", with_relevance=True)
     assert frame.relevance is not None and frame.relevance.shape == (3,)
     assert tiny_model.frame_tokens(features, "what?").relevance is None
+
+
+def test_returned_attention_is_what_the_context_token_is_made_of(tiny_model, tiny_frames) -> None:
+    """``with_attention``: the query-averaged weights over patches; the context token projects their mix."""
+    model = tiny_model
+    features = model.encode_frames(model.preprocess(tiny_frames))
+    text = model.qformer_tokenizer(["where is the dog?"])
+    out = model.visual(features, model.qformer, text.input_ids, text.attention_mask, with_attention=True)
+    patches = model.visual.patches(features)
+    assert out.attention.shape == patches.shape[:2]
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(len(features)))
+    torch.testing.assert_close(out.tokens[:, 0], model.visual.context_projector(torch.bmm(out.attention[:, None], patches)[:, 0]),
+                               rtol=1e-5, atol=1e-6)
+    plain = model.visual(features, model.qformer, text.input_ids, text.attention_mask)
+    assert plain.attention is None and plain.relevance is None
+    torch.testing.assert_close(plain.tokens, out.tokens)
