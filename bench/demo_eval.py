@@ -85,8 +85,9 @@ def main() -> int:
     seconds = time.perf_counter() - started
     summary = summarise(records)
     table = markdown_table(summary, records)
+    by_time_kind = time_breakdown(records)
     print(table)
-    print("time questions, both tokens:", ", ".join(f"{k} {v['right']}/{v['asked']}" for k, v in time_breakdown(records).items()))
+    print("time questions, both tokens:", ", ".join(f"{k} {v['right']}/{v['asked']}" for k, v in by_time_kind.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": str(folder),
@@ -96,7 +97,7 @@ def main() -> int:
         "seconds": round(seconds, 1),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
         "binding_chance_among_shapes_in_view": round(binding_chance(records), 4),
-        "time_questions_full": time_breakdown(records),
+        "time_questions_full": by_time_kind,
         "max_relative_error_vs_fp32": {fmt: token_error(model, args.seed, 20, fmt) for fmt in ("float16", "int8")},
         "summary": {k: {t: round(v, 4) for t, v in row.items()} for k, row in summary.items()},
         "table": table,

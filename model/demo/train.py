@@ -226,6 +226,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor, lr: float) -> None:
+    """One update, as every stage makes it: learning rate ``lr``, gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 # -- stage 1: the vision tower ----------------------------------------------------------------
 def pretrain_vision(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: TrainConfig, progress: bool) -> dict:
     """Train EVA (plus throw-away linear heads) to tell each patch's colour, shape and place; freeze it.
@@ -251,16 +261,11 @@ def pretrain_vision(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: T
 
     bar = tqdm(range(cfg.vision_steps), desc="stage 1: vision", unit="step", disable=not progress)
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.vision_steps // 10)
         picks = [frames[rng.randrange(len(frames))] for _ in range(cfg.vision_batch)]
         pixels = torch.stack([clips[i].pixels[t] for i, t in picks])
         labels = torch.stack([clips[i].patch_labels[t] for i, t in picks])
         loss, _ = loss_and_logits(pixels, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.vision_steps // 10))
         bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.vision.eval().requires_grad_(False)
@@ -328,8 +333,6 @@ def pretrain_qformer(model: LlamaVid, clips: list[Clip], cfg: TrainConfig, progr
     bar = tqdm(range(cfg.qformer_steps), desc="stage 2: Q-Former", unit="step", disable=not progress)
     hits: list[float] = []
     for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.qformer_steps, cfg.qformer_lr, cfg.qformer_steps // 10)
         feats, questions, targets, on_shape = [], [], [], []
         for clip in (pool[rng.randrange(len(pool))] for _ in range(cfg.qformer_batch)):
             qa = data.pick_question(rng, clip.example.scene, "binding")
@@ -344,10 +347,7 @@ def pretrain_qformer(model: LlamaVid, clips: list[Clip], cfg: TrainConfig, progr
         mask = torch.cat(on_shape)
         mass = (out.attention * mask).sum(-1)[mask.any(-1)].clamp_min(1e-6)
         loss = F.cross_entropy(logits, target) - mass.log().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step, cfg.qformer_steps, cfg.qformer_lr, cfg.qformer_steps // 10))
         hits.append((logits.argmax(-1) == target).float().mean().item())
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(hits[-20:]) / len(hits[-20:]):.3f}")
     bar.close()
@@ -389,15 +389,10 @@ def train_llamavid(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: Tr
         if cfg.max_minutes is not None and time.perf_counter() - started > cfg.max_minutes * 60:
             bar.write(f"stopping at step {step}: the --minutes budget is spent (this run is not reproducible)")
             break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         batch = [clips[rng.randrange(len(clips))] for _ in range(cfg.batch_size)]
         qas = [question_for(c, rng) for c in batch]
         loss = answer_loss(*batch_logits(model, prompts, batch, qas))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, params, loss, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         steps_done = step + 1
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         if steps_done % cfg.eval_every == 0 or steps_done == cfg.steps:

@@ -17,6 +17,7 @@ from model.demo.evaluate import (
     prepare,
     run_eval,
     summarise,
+    time_breakdown,
 )
 from model.demo.train import build_demo_model
 
@@ -97,3 +98,17 @@ def test_summary_and_table():
     assert summary["no_context"]["binding"] == 0.5 and summary["no_context"]["counting"] == 0.0
     table = markdown_table(summary, records)
     assert "| full: both tokens" in table and "binding (n=2)" in table and "50.0" in table
+
+
+def test_time_questions_are_counted_by_kind():
+    records = [
+        Record(1, "time", "What appears at the end?", "circle", 2, {"full": "circle", "no_context": "square"}),
+        Record(2, "time", "What disappears?", "square", 2, {"full": "circle", "no_context": "square"}),
+        Record(3, "time", "Which way does the square move?", "left", 1, {"full": "Left.", "no_context": "up"}),
+        Record(4, "time", "Which way does the circle move?", "up", 1, {"full": "down", "no_context": "up"}),
+        Record(5, "binding", "What colour is the circle?", "red", 2, {"full": "red", "no_context": "red"}),
+    ]
+    assert time_breakdown(records) == {"appears": {"right": 1, "asked": 1}, "disappears": {"right": 0, "asked": 1},
+                                       "direction": {"right": 1, "asked": 2}}
+    assert time_breakdown(records, "no_context")["direction"] == {"right": 1, "asked": 2}
+    assert time_breakdown(records, "no_context")["disappears"] == {"right": 1, "asked": 1}
