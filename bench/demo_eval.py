@@ -1,10 +1,11 @@
-"""Demo-model evaluation: accuracy per question type and the token ablations, through the service's path.
+"""Demo-model evaluation: accuracy per question type and the token ablations, through the served path.
 
-Every clip is a fresh seeded H.264 file (seeds disjoint from training), decoded with decord via
-``plan_video`` / ``encode_video``, prompted with ``LlamaVid.prepare`` and answered greedily with
-``LlamaVid.stream``; see ``model/demo/evaluate.py`` for the ablations. Two more conditions read
-the features back through the feature cache's blob formats (``cache/serialize.py``: float16, the
-default, and int8), so the effect of int8 storage is measured on answers and on the tokens.
+Every clip is a fresh seeded H.264 file (seeds disjoint from training), answered through the
+service's in-process engine (``server.worker.offline``): the same media store, extraction loop,
+feature cache, runner and batched decoder as ``llamavid serve``; see ``model/demo/evaluate.py``
+for the ablations. One more condition answers from features read back from int8 cache blobs
+(``cache/serialize.py``), and the fp16 and int8 blobs' error on the tokens is measured against
+fp32 features.
 
     python bench/demo_eval.py [--model model/demo/checkpoint --seed 1 --per-type 100]
         -> bench/results/demo_eval.json (summary, markdown table, every answer)
@@ -25,12 +26,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+from cache import MemoryFeatureStore
 from cache.serialize import decode, encode
 from model.demo import data, default_model_dir, is_trained_demo
 from model.demo.evaluate import (
     ABLATIONS,
     binding_chance,
-    encode_file,
     eval_clips,
     markdown_table,
     run_eval,
@@ -38,6 +39,8 @@ from model.demo.evaluate import (
     time_breakdown,
 )
 from model.loader import load_llamavid
+from model.video import FrameSampling, load_video
+from server.worker.offline import OfflineEngine
 
 
 def through_cache(fmt: str):
@@ -47,7 +50,15 @@ def through_cache(fmt: str):
     return round_trip
 
 
-VARIANTS = {"fp16_cache": through_cache("float16"), "int8_cache": through_cache("int8")}
+class BlobStore(MemoryFeatureStore):
+    """What a worker reads back from a Redis feature store writing ``fmt`` blobs (no Redis needed)."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(4 << 30)
+        self.round_trip = through_cache(fmt)
+
+    async def put_frames(self, encoder_id, video_digest, frame_indices, features) -> None:
+        await super().put_frames(encoder_id, video_digest, frame_indices, self.round_trip(features))
 
 
 def token_error(model, seed: int, clips: int, fmt: str) -> dict[str, float]:
@@ -56,7 +67,9 @@ def token_error(model, seed: int, clips: int, fmt: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         for clip_seed, qtype in eval_clips(seed, clips)[:clips]:
             example = data.make_example(clip_seed, qtype)
-            features = encode_file(model, data.write_clip(example.scene, Path(tmp) / "clip.mp4"))
+            path = data.write_clip(example.scene, Path(tmp) / "clip.mp4")
+            frames, _ = load_video(path, FrameSampling(fps=data.CLIP_FPS))
+            features = model.encode_frames(model.preprocess(frames)).float()  # unlike the pipeline's float16
             stored = through_cache(fmt)(features)
             ref = model.frame_tokens(features, example.qa.question).tokens.float()
             got = model.frame_tokens(stored, example.qa.question).tokens.float()
@@ -80,8 +93,11 @@ def main() -> int:
         print(f"warning: {folder} is not a trained demo checkpoint; expect chance-level answers", file=sys.stderr)
     model = load_llamavid(folder, device="cpu")
     started = time.perf_counter()
-    records = run_eval(model, seed=args.seed, per_type=args.per_type, ablations=list(ABLATIONS),
-                       feature_variants=VARIANTS)
+    with OfflineEngine(model, fps=data.CLIP_FPS) as served, \
+            OfflineEngine(model, fps=data.CLIP_FPS, store=BlobStore("int8")) as int8:
+        variants = {"int8_cache": int8}
+        records = run_eval(model, served, seed=args.seed, per_type=args.per_type, ablations=list(ABLATIONS),
+                           variants=variants)
     seconds = time.perf_counter() - started
     summary = summarise(records)
     table = markdown_table(summary, records)
@@ -91,6 +107,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "model": str(folder),
+        "path": "served: server.worker.offline.OfflineEngine (the in-process engine of llamavid serve)",
         "seed": args.seed,
         "clips_per_type": args.per_type,
         "questions": len(records),
@@ -103,7 +120,7 @@ def main() -> int:
         "table": table,
         "records": [r.__dict__ for r in records],
     }, indent=2) + "\n")
-    print(f"{len(records)} questions x {len(ABLATIONS) + len(VARIANTS)} conditions in {seconds:.0f}s -> {args.out}")
+    print(f"{len(records)} questions x {len(ABLATIONS) + len(variants)} conditions in {seconds:.0f}s -> {args.out}")
     return 0
 
 

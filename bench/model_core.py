@@ -4,7 +4,7 @@
     python bench/model_core.py                       # CPU: `small` preset, 1,024 frames (naive loop: 64)
     python bench/model_core.py --device cuda         # + full-size EVA-G (1408 x 39, 224 px) in bf16
 
-The model is a random-weight checkpoint written by ``model.tiny.make_tiny`` and loaded through the
+The model is a random-weight checkpoint written by ``model.tools.tiny.make_tiny`` and loaded through the
 real loader, so the code measured is the code served. Inputs are random normalised pixels, so
 decoding and preprocessing are not part of the numbers (see ``bench/serve.py`` for end to end).
 Peak memory is the process RSS sampled every 5 ms during each phase on CPU (reported as the rise
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from model.eva import EvaVisionTower, eva_config  # noqa: E402
 from model.loader import load_llamavid  # noqa: E402
-from model.tiny import PRESETS, make_tiny  # noqa: E402
-from model.vision import EvaVisionTower  # noqa: E402
+from model.tools.tiny import PRESETS, make_tiny  # noqa: E402
 
 QUESTION = "What is the man doing in the kitchen, and what happens at the end of the video?"
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -175,14 +175,18 @@ def bench_full_eva(device: torch.device, dtype: torch.dtype, frames: int, batch:
     width, mlp, size = 1408, 6144, 224
     torch.manual_seed(0)
     with torch.device(device):
-        tower = EvaVisionTower(width, depth, mlp, size)
+        tower = EvaVisionTower(eva_config(width, depth, mlp, size))
+        # PyTorch's default init: transformers' own (std 1e-10) would underflow to zeros in fp16.
+        for module in tower.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.LayerNorm)):
+                module.reset_parameters()
     tower = tower.to(dtype).eval()
     pixels = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
 
     def run(n: int) -> None:
         with torch.inference_mode():
             for start in range(0, n, batch):
-                tower(pixels[: min(batch, n - start)])
+                tower(pixel_values=pixels[: min(batch, n - start)])
 
     run(min(frames, 2 * batch))  # warm-up
     row = measure("eva_g_full/batched", device, frames, lambda: run(frames), batch_size=batch,

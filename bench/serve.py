@@ -218,7 +218,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from model.tiny import make_tiny
+        from model.tools.tiny import make_tiny
 
         model_dir = make_tiny(workdir / "llama-vid-tiny", "tiny", fmt="bin", num_shards=2)
     media = workdir / "served"  # not "media": that is the server's own upload folder
@@ -281,7 +281,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict:
     return {
         "benchmark": "serve",
         "setup": {
-            "model": str(model_dir) if args.model else "model.tiny.make_tiny('tiny') (random weights)",
+            "model": str(model_dir) if args.model else "model.tools.tiny.make_tiny('tiny') (random weights)",
             "model_id": models["id"], "device": models["llamavid"]["device"],
             "dtype": models["llamavid"]["dtype"], "context_length": models["max_model_len"],
             "tokens_per_frame": models["llamavid"]["tokens_per_frame"],

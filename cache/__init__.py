@@ -3,60 +3,31 @@
 Knows nothing of models or HTTP: it stores and fetches [1+P, C] feature tensors keyed by
 (encoder id, video digest, source frame index), plus one manifest per sampling of a video.
 
-``RedisFeatureStore`` is imported lazily so that ``import cache`` works on installs without the
-``redis`` package (it ships with the ``server`` extra), e.g. for in-process use by the model side.
+Names are imported lazily: ``cache.keys``, ``cache.manifest`` and ``cache.purge`` need no torch,
+and the HTTP front end (which must not load torch) uses them through ``import cache.keys``,
+which runs this file; the tensor stores load torch only when one of them is asked for.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
 
-from cache.errors import CacheError, CacheUnavailableError, CorruptEntryError
-from cache.keys import (
-    DEFAULT_NAMESPACE,
-    SCHEMA_VERSION,
-    FeatureKeys,
-    digest_bytes,
-    digest_file,
-    digest_stream,
-    sampling_id,
-)
-from cache.manifest import Manifest
-from cache.memory import MemoryFeatureStore
-from cache.serialize import FORMATS, Format, decode, encode
-from cache.store import CacheStats, FeatureStore
-from cache.tiered import TieredFeatureStore
-
-if TYPE_CHECKING:
-    from cache.redis import RedisFeatureStore
-
-__all__ = [
-    "DEFAULT_NAMESPACE",
-    "FORMATS",
-    "SCHEMA_VERSION",
-    "CacheError",
-    "CacheStats",
-    "CacheUnavailableError",
-    "CorruptEntryError",
-    "FeatureKeys",
-    "FeatureStore",
-    "Format",
-    "Manifest",
-    "MemoryFeatureStore",
-    "RedisFeatureStore",
-    "TieredFeatureStore",
-    "decode",
-    "digest_bytes",
-    "digest_file",
-    "digest_stream",
-    "encode",
-    "sampling_id",
-]
+_HOMES = {
+    "CacheError": "errors", "CacheUnavailableError": "errors", "CorruptEntryError": "errors",
+    "DEFAULT_NAMESPACE": "keys", "SCHEMA_VERSION": "keys", "FeatureKeys": "keys", "digest_bytes": "keys",
+    "digest_file": "keys", "digest_stream": "keys", "sampling_id": "keys",
+    "Manifest": "manifest",
+    "MemoryFeatureStore": "memory",
+    "RedisFeatureStore": "redis",
+    "FORMATS": "serialize", "Format": "serialize", "decode": "serialize", "encode": "serialize",
+    "CacheStats": "store", "FeatureStore": "store",
+    "TieredFeatureStore": "tiered",
+}
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str) -> object:
-    if name == "RedisFeatureStore":
-        from cache.redis import RedisFeatureStore
-
-        return RedisFeatureStore
-    raise AttributeError(f"module 'cache' has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'cache' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"cache.{home}"), name)

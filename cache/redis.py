@@ -32,12 +32,12 @@ from redis.exceptions import RedisError
 from cache.errors import CacheUnavailableError, CorruptEntryError
 from cache.keys import DEFAULT_NAMESPACE, FeatureKeys
 from cache.manifest import Manifest
+from cache.purge import delete_video_keys
 from cache.serialize import FORMATS, Format, decode, encode
 from cache.store import CacheStats, check_features, check_manifest_sampling_id
 
 logger = logging.getLogger(__name__)
 
-_DELETE_BATCH = 500
 _Consume = Callable[[int, bytes], None]
 
 
@@ -250,17 +250,8 @@ class RedisFeatureStore:
 
     async def delete_video(self, video_digest: str) -> int:
         """SCAN for every key of the video under the namespace and UNLINK them in batches."""
-        pattern = self.keys.video_pattern(video_digest)
-        deleted, batch = 0, []
         with _unavailable_on_error("SCAN/UNLINK"):
-            async for key in self.client.scan_iter(match=pattern, count=1000):
-                batch.append(key)
-                if len(batch) >= _DELETE_BATCH:
-                    deleted += await self.client.unlink(*batch)
-                    batch = []
-            if batch:
-                deleted += await self.client.unlink(*batch)
-        return deleted
+            return await delete_video_keys(self.client, self.keys.namespace, video_digest)
 
     async def ping(self) -> bool:
         """Whether Redis answers PING."""

@@ -6,7 +6,9 @@ write their next token at one shared cursor, so a decode step is a single batche
 slot whose prompt was shorter simply has masked holes in front of it. RoPE positions are each
 slot's true length, so every request computes exactly what it would alone. Active slots are kept
 at the front (``0..n-1``) so a step runs on views of the cache, never on idle rows; when the
-cursor reaches the end, the slots are compacted.
+cursor reaches the end, the slots are compacted. A slot is freed as soon as its request ends
+at EOS or at its token budget, so nothing is ever decoded past ``max_new_tokens``, whether or
+not the caller is keeping up with the tokens.
 """
 
 from __future__ import annotations
@@ -67,9 +69,10 @@ class _Slot:
 class BatchedDecoder:
     """Not thread-safe: call it from one thread (the worker's model thread)."""
 
-    def __init__(self, llm: LlamaForCausalLM, max_slots: int, capacity: int) -> None:
+    def __init__(self, llm: LlamaForCausalLM, max_slots: int, capacity: int, *, eos_id: int) -> None:
         config = llm.config
         self.llm = llm
+        self.eos_id = eos_id
         self.max_slots = max_slots
         self.capacity = capacity
         self.cache = SlotCache(config.num_hidden_layers, capacity)
@@ -89,9 +92,13 @@ class BatchedDecoder:
     def has_room(self) -> bool:
         return len(self.slots) < self.max_slots
 
+    def _finished(self, token: int, generated: int, params: GenerationParams) -> bool:
+        return token == self.eos_id or generated >= params.max_new_tokens
+
     @torch.inference_mode()
     def add(self, request: object, inputs_embeds: torch.Tensor, params: GenerationParams) -> int:
-        """Prefill one request into a free slot; return its first token."""
+        """Prefill one request into a free slot; return its first token (a request that ends
+        with it never takes a slot)."""
         if not self.has_room():
             raise RuntimeError("no free decode slot")
         length = inputs_embeds.shape[1]
@@ -100,6 +107,8 @@ class BatchedDecoder:
             generator = torch.Generator(device=inputs_embeds.device).manual_seed(params.seed)
         own = DynamicCache(config=self.llm.config)
         token = sample(prefill(self.llm, inputs_embeds, own), params, generator)
+        if self._finished(token, 1, params):
+            return token
         if self.cache.cursor < length or self.cache.cursor + params.max_new_tokens >= self.capacity:
             self._compact(minimum=length)
         row, end = len(self.slots), self.cache.cursor
@@ -113,7 +122,8 @@ class BatchedDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[object, int]]:
-        """One decode step for every slot: feed each slot's last token, sample its next one."""
+        """One decode step for every slot: feed each slot's last token, sample its next one.
+        Slots whose request this token ends are freed before returning."""
         n = len(self.slots)
         if n == 0:
             return []
@@ -130,12 +140,16 @@ class BatchedDecoder:
         )
         self.cache.cursor += 1
         logits = out.logits[:, -1]
-        results = []
+        results, ended = [], []
         for i, slot in enumerate(self.slots):
             slot.length += 1
             slot.generated += 1
             slot.token = sample(logits[i], slot.params, slot.generator)
             results.append((slot.request, slot.token))
+            if self._finished(slot.token, slot.generated, slot.params):
+                ended.append(slot.request)
+        for request in ended:
+            self.remove(request)
         return results
 
     def remove(self, request: object) -> None:
@@ -154,6 +168,14 @@ class BatchedDecoder:
         self.slots.pop()
         if not self.slots:
             self.cache.cursor = 0
+
+    def drain(self) -> list[object]:
+        """Drop every slot (after a failed step left the cache in an unknown state); return their handles."""
+        handles = [slot.request for slot in self.slots]
+        self.slots.clear()
+        self.mask.zero_()
+        self.cache.cursor = 0
+        return handles
 
     def _compact(self, minimum: int) -> None:
         """Right-align every slot's entries at a new cursor, dropping the holes."""

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
 
-
 # transformers 5.24 renamed ``past_key_values`` to ``cache``; accept either release line.
 _CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 

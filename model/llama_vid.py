@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import InstructBlipQFormerModel, LlamaForCausalLM
 
+from .batching import BatchedDecoder
 from .config import LlamaVidConfig
 from .conversation import (
     IMAGE_PLACEHOLDER,
@@ -27,16 +28,15 @@ from .conversation import (
     get_template,
     long_video_text,
 )
-from .detokenize import IncrementalDetokenizer
+from .eva import EvaVisionTower
+from .frame_tokens import FrameTokens, LlamaVidVisualHead
 from .generate import GenerationDefaults, GenerationParams, generate_tokens, with_budget
+from .generation import Generation, TextDelta
 from .preprocess import ClipPreprocessor
 from .qformer import QFormerTokenizer
 from .tokenizer import IMAGE_TOKEN_INDEX, LlamaTextTokenizer
-from .visual import FrameTokens, LlamaVidVisualHead
-from .vision import EvaVisionTower
 
 VisualKind = Literal["video", "image"]
-FinishReason = Literal["stop", "length"]
 
 DEFAULT_TEMPLATE = "vicuna_v1"
 FRAME_BLOCK = 64  # frames per Q-Former block: bounds memory for hour-long videos (spec §4.3)
@@ -61,13 +61,6 @@ class PreparedPrompt:
     @property
     def num_prompt_tokens(self) -> int:
         return self.inputs_embeds.shape[1]
-
-
-@dataclass
-class TextDelta:
-    text: str
-    token_id: int
-    finish_reason: FinishReason | None = None
 
 
 class LlamaVid(nn.Module):
@@ -96,14 +89,6 @@ class LlamaVid(nn.Module):
         self.generation_defaults = generation_defaults
         self.encoder_fingerprint = encoder_fingerprint
 
-    # -- loading -----------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, model_dir, **kwargs) -> "LlamaVid":
-        """See ``model.loader.load_llamavid`` for the arguments."""
-        from .loader import load_llamavid
-
-        return load_llamavid(model_dir, **kwargs)
-
     @property
     def device(self) -> torch.device:
         return self.visual.query.device
@@ -129,9 +114,15 @@ class LlamaVid(nn.Module):
     @torch.inference_mode()
     def encode_frames(self, pixels: torch.Tensor, *, batch_size: int = 32) -> torch.Tensor:
         """pixels [T, 3, S, S] -> EVA features [T, 1+P, C] in the tower's dtype, on its device."""
-        vision_device = self.vision.pos_embed.device
-        out = [self.vision(pixels[i : i + batch_size].to(vision_device)) for i in range(0, len(pixels), batch_size)]
-        return torch.cat(out) if out else pixels.new_zeros((0, 1 + self.vision.num_patches, self.vision.width))
+        size = self.vision.config.image_size
+        if tuple(pixels.shape[-2:]) != (size, size):
+            raise ValueError(f"EVA expects {size}px input, got {tuple(pixels.shape[-2:])}")
+        device = self.vision.device
+        out = [
+            self.vision(pixel_values=pixels[i : i + batch_size].to(device)).last_hidden_state
+            for i in range(0, len(pixels), batch_size)
+        ]
+        return torch.cat(out) if out else pixels.new_zeros((0, 1 + self.vision.num_patches, self.config.mm_hidden_size))
 
     # -- visual tokens -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -221,26 +212,33 @@ class LlamaVid(nn.Module):
         return torch.cat(pieces)[None]
 
     # -- generation --------------------------------------------------------------------------
-    def params(self, **request) -> GenerationParams:
-        """Request values over ``generation_config.json`` defaults (None = use the default)."""
-        return self.generation_defaults.apply(**request)
+    def params(self, prepared: PreparedPrompt | None = None, **request) -> GenerationParams:
+        """Request values over ``generation_config.json`` defaults (None = use the default), with
+        ``max_new_tokens`` clamped to the context left after ``prepared`` (the official workers do);
+        a prompt that leaves no room is a ``ValueError`` that names the context."""
+        params = self.generation_defaults.apply(**request)
+        if prepared is None:
+            return params
+        return with_budget(params, prepared.num_prompt_tokens, self.context_length)
+
+    def generation(self, params: GenerationParams) -> Generation:
+        """The text state one request's tokens are pushed through, whichever decoder makes them."""
+        return Generation(self.tokenizer, params, self.tokenizer.eos_id)
+
+    def tokens(self, prepared: PreparedPrompt, params: GenerationParams) -> Iterator[int]:
+        """Token ids of one request decoded on its own (prefill, then one step per ``next``)."""
+        return generate_tokens(self.llm, prepared.inputs_embeds, params, eos_id=self.tokenizer.eos_id)
+
+    def batch_decoder(self, max_slots: int, capacity: int) -> BatchedDecoder:
+        """A decoder stepping up to ``max_slots`` requests in one forward (``model.batching``)."""
+        return BatchedDecoder(self.llm, max_slots, capacity, eos_id=self.tokenizer.eos_id)
 
     def stream(self, prepared: PreparedPrompt, params: GenerationParams) -> Iterator[TextDelta]:
         """Yield text deltas; the last one carries ``finish_reason``. Stop iterating to cancel."""
         params = with_budget(params, prepared.num_prompt_tokens, self.context_length)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        eos = self.tokenizer.eos_id
-        count = 0
-        for token in generate_tokens(self.llm, prepared.inputs_embeds, params, eos_id=eos):
-            count += 1
-            if token == eos:
-                yield TextDelta(detok.finish(), token, "stop")
+        generation = self.generation(params)
+        for token in self.tokens(prepared, params):
+            delta = generation.push(token)
+            yield delta
+            if delta.finish_reason is not None:
                 return
-            text = detok.add(token)
-            if detok.stopped:
-                yield TextDelta(text, token, "stop")
-                return
-            if count == params.max_new_tokens:
-                yield TextDelta(text + detok.finish(), token, "length")
-                return
-            yield TextDelta(text, token)

@@ -19,19 +19,21 @@ import torch
 from accelerate import init_empty_weights
 
 from .config import CheckpointError, LlamaVidConfig
+from .eva import load_eva
+from .frame_tokens import LlamaVidVisualHead
 from .generate import GenerationDefaults
 from .llama_vid import LlamaVid
 from .preprocess import ClipPreprocessor
 from .qformer import QFormerTokenizer, build_qformer
 from .tokenizer import LlamaTextTokenizer
-from .visual import LlamaVidVisualHead
-from .vision import EvaVisionTower
 from .weights import load_checkpoint_state, load_strict, split_state
 
 log = logging.getLogger(__name__)
 
 Quantization = Literal["none", "4bit", "8bit"]
-FINGERPRINT_VERSION = "eva-lavis-1"
+# Bumped whenever features can change in any bit for the same file and processor, so a cache never
+# mixes them: 2 = pixels from transformers' CLIPImageProcessorPil (rounding differs by <= 5e-7).
+FINGERPRINT_VERSION = "eva-lavis-2"
 
 
 def resolve_model_dir(model: str | os.PathLike) -> Path:
@@ -95,7 +97,7 @@ def load_llamavid(
     del state
     llm.eval()
 
-    vision = EvaVisionTower.from_lavis(config.vision_tower_path, processor.crop_size, dtype=dtype)
+    vision = load_eva(config.vision_tower_path, processor.crop_size, dtype=dtype)
     fingerprint = encoder_fingerprint(config.vision_tower_path, processor, dtype)
     model = LlamaVid(
         config,

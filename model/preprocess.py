@@ -1,8 +1,12 @@
-"""The CLIP pixel pipeline exactly as transformers 4.31's ``CLIPImageProcessor`` ran it (spec §2.5).
+"""The CLIP pixel pipeline of the official code (spec §2.5), run by transformers' ``CLIPImageProcessorPil``.
 
 PIL bicubic resize of the short side (long side truncated, not rounded), center crop at
-``(H-S)//2, (W-S)//2``, ``x * float32(1/255)``, then ``(x - mean) / std`` in float32. The
-processor folder's JSON is honoured; the two processors the official repository ships
+``(H-S)//2, (W-S)//2``, rescale by 1/255 (in float64, stored as float32), then ``(x - mean) / std``
+in float32: the library's PIL backend does all four as transformers 4.31's ``CLIPImageProcessor``
+did, and gives the parity cases' ``pixel_values`` exactly.
+``CLIPImageProcessorPil`` is named explicitly because ``CLIPImageProcessor`` switches to its
+torchvision backend (not PIL's resize) whenever torchvision is installed. The processor
+folder's JSON is honoured; the two processors the official repository ships
 (``clip-patch14-224`` / ``-336``) are bundled so that a released checkpoint whose config points
 at ``./llamavid/processor/...`` or ``./model_zoo/OpenAI/clip-vit-large-patch14`` loads as is.
 """
@@ -11,11 +15,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CLIPImageProcessorPil
 
 from .config import CheckpointError
 
@@ -36,6 +42,7 @@ class ClipPreprocessor:
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     resample: int = Image.BICUBIC
+    rescale_factor: float = 1 / 255  # applied to uint8 values in float64, as transformers 4.31 did
 
     @classmethod
     def from_dir(cls, path: Path) -> "ClipPreprocessor":
@@ -66,34 +73,30 @@ class ClipPreprocessor:
         """The training-time square-padding fill: the mean colour, (122, 116, 104) for CLIP."""
         return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
 
+    @cached_property
+    def _library(self) -> CLIPImageProcessorPil:
+        return CLIPImageProcessorPil(
+            size={"shortest_edge": self.size},
+            crop_size={"height": self.crop_size, "width": self.crop_size},
+            image_mean=list(self.mean),
+            image_std=list(self.std),
+            resample=self.resample,
+            rescale_factor=self.rescale_factor,
+            # Inputs are RGB already (``_as_rgb_list``): the library would composite transparency onto
+            # white, where transformers 4.31 (and so the official code) simply dropped the alpha.
+            do_convert_rgb=False,
+        )
+
     def __call__(self, frames: np.ndarray | torch.Tensor | list[Image.Image], *, pad_to_square: bool = False) -> torch.Tensor:
         """uint8 RGB frames [T, H, W, 3] (or PIL images) -> float32 pixels [T, 3, S, S]."""
-        images = _as_pil_list(frames)
-        out = np.empty((len(images), self.crop_size, self.crop_size, 3), dtype=np.float32)
-        for i, image in enumerate(images):
-            if pad_to_square:
-                image = expand_to_square(image, self.pad_color)
-            out[i] = self._resize_crop(image)
-        pixels = torch.from_numpy(out) * np.float32(1 / 255)
-        mean = torch.tensor(self.mean, dtype=torch.float32)
-        std = torch.tensor(self.std, dtype=torch.float32)
-        return ((pixels - mean) / std).permute(0, 3, 1, 2).contiguous()
-
-    def _resize_crop(self, image: Image.Image) -> np.ndarray:
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_short, new_long = self.size, int(self.size * long / short)
-        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), resample=self.resample)
-        arr = np.asarray(image)
-        top, left = (new_h - self.crop_size) // 2, (new_w - self.crop_size) // 2
-        if top < 0 or left < 0:  # smaller than the crop: CLIP pads with zeros around the image
-            padded = np.zeros((max(new_h, self.crop_size), max(new_w, self.crop_size), 3), dtype=arr.dtype)
-            py, px = max(-top, 0), max(-left, 0)
-            padded[py : py + new_h, px : px + new_w] = arr
-            arr, top, left = padded, max(top, 0), max(left, 0)
-        return arr[top : top + self.crop_size, left : left + self.crop_size]
+        images = _as_rgb_list(frames)
+        if not images:
+            return torch.empty((0, 3, self.crop_size, self.crop_size))
+        if pad_to_square:
+            pil = (i if isinstance(i, Image.Image) else Image.fromarray(i) for i in images)
+            images = [expand_to_square(image, self.pad_color) for image in pil]
+        out = self._library(images, return_tensors="pt", input_data_format="channels_last")
+        return out["pixel_values"]
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -106,13 +109,13 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return canvas
 
 
-def _as_pil_list(frames: np.ndarray | torch.Tensor | list[Image.Image]) -> list[Image.Image]:
+def _as_rgb_list(frames: np.ndarray | torch.Tensor | list[Image.Image]) -> list[np.ndarray | Image.Image]:
     if isinstance(frames, list):
-        return [f.convert("RGB") if isinstance(f, Image.Image) else Image.fromarray(np.asarray(f)) for f in frames]
+        return [f.convert("RGB") if isinstance(f, Image.Image) else np.asarray(f) for f in frames]
     if isinstance(frames, torch.Tensor):
         frames = frames.cpu().numpy()
     if frames.ndim == 3:
         frames = frames[None]
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected uint8 RGB frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
-    return [Image.fromarray(f) for f in frames]
+    return list(frames)

@@ -102,12 +102,16 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         else:
-            # weights_only: a pickle from the internet must not execute code on load.
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (pre-zipfile) pickles cannot be memory-mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            yield from state.items()
+            yield from load_torch_file(path).items()
+
+
+def load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    """A ``torch.save``d state dict, memory-mapped so only the tensors actually used are read."""
+    # weights_only: a pickle from the internet must not execute code on load.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (pre-zipfile) pickles cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint_state(model_dir: Path, *, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:

@@ -13,14 +13,22 @@ import sys
 from pathlib import Path
 
 DEMO_COMMANDS = ("train-demo", "eval-demo", "demo-clip")  # parse their own flags (model/demo/cli.py)
+SERVER_COMMANDS = ("serve", "api", "worker")
+SERVER_EXTRA = "pip install 'llamavid-serve[server]'"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVER_COMMANDS and (missing := _missing_server_extra()):
+        print(f"llamavid {argv[0]} needs the server extra ({missing} is not installed): {SERVER_EXTRA}",
+              file=sys.stderr)
+        return 2
     if argv and argv[0] in DEMO_COMMANDS:
         from model.demo.cli import main as demo_main
 
-        return demo_main(argv[0], argv[1:])
+        # Evaluation answers through the service's in-process engine when the server is installed.
+        served = None if _missing_server_extra() else _offline_engine
+        return demo_main(argv[0], argv[1:], answerer_for=served)
     parser = argparse.ArgumentParser(prog="llamavid", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -84,7 +92,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         from pydantic_core import PydanticUndefined
 
         from .settings import Settings
-    except ImportError:  # the server extra is not installed: serve/api/worker will say so when run
+    except ImportError:  # the server extra is not installed: ``main`` says so before parsing
         return
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True) if field.default is not PydanticUndefined or \
@@ -93,6 +101,24 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         shown = ",".join(default) if isinstance(default, list) else default
         text = f"{field.description + '. ' if field.description else ''}[env {env}; default: {shown}]"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, metavar="VALUE", help=text.replace("%", "%%"))
+
+
+def _offline_engine(model):
+    from model.demo.data import CLIP_FPS
+
+    from .worker.offline import OfflineEngine
+
+    return OfflineEngine(model, fps=CLIP_FPS)
+
+
+def _missing_server_extra() -> str | None:
+    """The first package of the server extra that cannot be imported, if any."""
+    import importlib.util
+
+    for module in ("fastapi", "uvicorn", "pydantic_settings", "sse_starlette", "redis", "prometheus_client", "httpx"):
+        if importlib.util.find_spec(module) is None:
+            return module
+    return None
 
 
 def _run_server(args: argparse.Namespace) -> int:
@@ -109,9 +135,10 @@ def _ask(args: argparse.Namespace) -> int:
 
     from model.conversation import Message
     from model.demo import default_model_dir
+    from model.image import decode_image, looks_like_image
     from model.llama_vid import VisualInput
     from model.loader import load_llamavid
-    from model.pipeline import decode_image, encode_image, encode_video, looks_like_image, plan_video
+    from model.pipeline import encode_image, encode_video, plan_video
     from model.video import FrameSampling
 
     model_dir = args.model or default_model_dir()
@@ -125,7 +152,7 @@ def _ask(args: argparse.Namespace) -> int:
             encoded = encode_video(model, video, indices, progress=lambda done, total: bar.update(done - bar.n))
         visual = VisualInput(encoded.features, "video")
     prepared = model.prepare([Message("user", args.question)], visual, template=args.template)
-    params = model.params(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
+    params = model.params(prepared, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     for delta in model.stream(prepared, params):
         sys.stdout.write(delta.text)
         sys.stdout.flush()
@@ -134,7 +161,7 @@ def _ask(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
-    from model.parity import run_case
+    from model.tools.parity import run_case
 
     report = run_case(args.case)
     print(json.dumps(report, indent=2))
@@ -142,7 +169,7 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from model.tiny import make_tiny
+    from model.tools.tiny import make_tiny
 
     compress = None if args.compress in ("none", "None", "") else args.compress
     out = make_tiny(args.out, args.preset, fmt=args.format, num_shards=args.shards, seed=args.seed,

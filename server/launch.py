@@ -1,4 +1,8 @@
-"""Start a process of the service: ``serve`` (everything), ``api`` or ``worker`` (split deployment)."""
+"""Start a process of the service: ``serve`` (everything), ``api`` or ``worker`` (split deployment).
+
+The composition root: the only module that picks an engine for the HTTP app. Imports stay inside
+the branches, so ``llamavid api`` never loads the worker (nor torch).
+"""
 
 from __future__ import annotations
 
@@ -10,28 +14,25 @@ log = logging.getLogger(__name__)
 
 
 def run(command: str, settings: Settings, *, log_level: str = "info") -> int:
-    import uvicorn
-
-    if command == "serve":
-        from .app import create_app
-
-        app = create_app(settings)
-    elif command == "api":
-        if not settings.redis_url:
-            log.error("`llamavid api` needs REDIS_URL (or LLAMAVID_REDIS_URL); use `llamavid serve` for one process")
-            return 2
-        from .app import create_app
-        from .redis_engine import redis_engine_factory
-
-        app = create_app(settings, redis_engine_factory)
-    elif command == "worker":
-        if not settings.redis_url:
-            log.error("`llamavid worker` needs REDIS_URL (or LLAMAVID_REDIS_URL)")
-            return 2
+    if command not in ("serve", "api", "worker"):
+        raise ValueError(command)
+    if command != "serve" and not settings.redis_url:
+        log.error("`llamavid %s` needs REDIS_URL (or LLAMAVID_REDIS_URL)%s", command,
+                  "; use `llamavid serve` for one process" if command == "api" else "")
+        return 2
+    if command == "worker":
         from .worker.main import run_worker
 
         return run_worker(settings)
+
+    import uvicorn
+
+    from .api.app import create_app
+
+    if command == "serve":
+        from .worker.local import local_engine_factory as factory
     else:
-        raise ValueError(command)
+        from .engine.redis.client import redis_engine_factory as factory
+    app = create_app(settings, factory)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
     return 0

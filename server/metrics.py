@@ -197,6 +197,10 @@ class LlamaVidMetrics:
         finally:
             child.observe(time.perf_counter() - start)
 
+    def observe_stage(self, name: str, seconds: float) -> None:
+        """Record a stage timed elsewhere (e.g. on the model thread, inside one step)."""
+        self.stage_seconds.labels(stage=_checked(name, STAGES, "stage")).observe(seconds)
+
     def cache_lookup(self, tier: str, hit: bool, nbytes: int = 0) -> None:
         """Count one feature-cache lookup in ``tier``; ``nbytes`` is what a hit read."""
         tier = _checked(tier, CACHE_TIERS, "cache tier")

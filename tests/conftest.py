@@ -1,6 +1,6 @@
 """Shared fixtures: random-weight LLaMA-VID checkpoints made by the project itself.
 
-``model.tiny.make_tiny`` writes a checkpoint in the released layout (sharded bf16 ``.bin`` with
+``model.tools.tiny.make_tiny`` writes a checkpoint in the released layout (sharded bf16 ``.bin`` with
 official key names, ``eva_vit_g.pth``, a CLIP processor folder, ``tokenizer.model`` and the
 Q-Former's vocabulary) in about a second, and it loads through the real loader, so nothing has
 to be downloaded. The folders are session-scoped and must be treated as read-only: a test that
@@ -18,7 +18,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``tiny`` preset (56 px EVA, 16 patches, ``mean`` compression), two ``.bin`` shards + index."""
-    from model.tiny import make_tiny
+    from model.tools.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "llama-vid-tiny", "tiny", fmt="bin", num_shards=2)
 
@@ -35,3 +35,25 @@ def tiny_model(tiny_checkpoint: Path):
 def tiny_frames() -> np.ndarray:
     """Three random uint8 RGB frames [3, 60, 80, 3] (landscape, so the center crop matters)."""
     return np.random.default_rng(1234).integers(0, 256, (3, 60, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model wide enough that one decode step takes tens of milliseconds on a CPU core (a 1536-wide,
+    4-layer LLM), and one that never ends an answer on its own: its EOS row of ``lm_head`` is zero,
+    so EOS's logit (0) never beats the best of a thousand random ones. Counting the
+    tokens generated after a client hangs up then measures the server, not the few milliseconds
+    between the test's last look at the counter and its hang-up."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from model.tools.tiny import TinySpec, make_tiny
+
+    spec = TinySpec(hidden=1536, layers=4, heads=12, intermediate=4128, vocab=1000)
+    out = make_tiny(tmp_path_factory.mktemp("slow") / "llama-vid-slow", spec, fmt="safetensors", num_shards=1)
+    weights = out / "model.safetensors"
+    state = load_file(str(weights))
+    state["lm_head.weight"][json.loads((out / "config.json").read_text())["eos_token_id"]] = 0
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return out

@@ -25,7 +25,7 @@ def cache_root() -> Path:
 
 def random_tiny_dir() -> Path:
     """Generate (once) and return a tiny random checkpoint in the official layout."""
-    from ..tiny import make_tiny
+    from ..tools.tiny import make_tiny
 
     out = cache_root() / RANDOM_TINY_NAME
     if not (out / "config.json").is_file():

@@ -13,16 +13,28 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import SHIPPED_DIR, TRAINED_DEMO_KIND, TRAINING_RECORD, default_model_dir
 
+if TYPE_CHECKING:
+    from ..llama_vid import LlamaVid
+    from .evaluate import Answerer
 
-def main(command: str, argv: list[str]) -> int:
+
+# How evaluation answers: ``server/cli.py`` passes the service's in-process engine (the served
+# path); without it (a model-only install), the model's own loop.
+AnswererFor = Callable[["LlamaVid"], AbstractContextManager["Answerer"]]
+
+
+def main(command: str, argv: list[str], *, answerer_for: AnswererFor | None = None) -> int:
     if command == "train-demo":
-        return _train(_train_parser().parse_args(argv), argv)
+        return _train(_train_parser().parse_args(argv), argv, answerer_for)
     if command == "eval-demo":
-        return _eval(_eval_parser().parse_args(argv))
+        return _eval(_eval_parser().parse_args(argv), answerer_for)
     if command == "demo-clip":
         return _clip(_clip_parser().parse_args(argv))
     raise SystemExit(f"unknown demo command {command!r} (train-demo, eval-demo or demo-clip)")
@@ -89,7 +101,13 @@ def _eval_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(args: argparse.Namespace, argv: list[str]) -> int:
+def _answerer(model, answerer_for: AnswererFor | None) -> AbstractContextManager[Answerer]:
+    from .evaluate import ModelAnswerer
+
+    return answerer_for(model) if answerer_for is not None else nullcontext(ModelAnswerer(model))
+
+
+def _train(args: argparse.Namespace, argv: list[str], answerer_for: AnswererFor | None) -> int:
     import torch
 
     from .train import TrainConfig, train
@@ -116,7 +134,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.eval_per_type:
         from .evaluate import markdown_table, run_eval, summarise
 
-        records = run_eval(model_from(args.out), seed=1, per_type=args.eval_per_type)
+        model = model_from(args.out)
+        with _answerer(model, answerer_for) as answerer:
+            records = run_eval(model, answerer, seed=1, per_type=args.eval_per_type)
         record["eval"] = {"seed": 1, "per_type": args.eval_per_type, "summary": summarise(records)}
         record["eval"]["table"] = markdown_table(record["eval"]["summary"], records)
     (Path(args.out) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -180,7 +200,7 @@ def _write_training_md(out: Path, record: dict) -> None:
     (out / "TRAINING.md").write_text("\n".join(lines) + "\n")
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _eval(args: argparse.Namespace, answerer_for: AnswererFor | None) -> int:
     import torch
     from tqdm import tqdm
 
@@ -190,8 +210,8 @@ def _eval(args: argparse.Namespace) -> int:
     folder = args.model or default_model_dir()
     model = model_from(Path(folder))
     names = [n.strip() for n in args.ablations.split(",") if n.strip()]
-    with tqdm(desc="eval-demo", unit="question", file=sys.stderr) as bar:
-        records = run_eval(model, seed=args.seed, per_type=args.per_type, ablations=names,
+    with _answerer(model, answerer_for) as answerer, tqdm(desc="eval-demo", unit="question", file=sys.stderr) as bar:
+        records = run_eval(model, answerer, seed=args.seed, per_type=args.per_type, ablations=names,
                            progress=lambda n: bar.update(n - bar.n))
     summary = summarise(records)
     table = markdown_table(summary, records)
@@ -201,7 +221,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "model": str(folder), "seed": args.seed, "per_type": args.per_type, "summary": summary, "table": table,
+            "model": str(folder), "path": "served" if answerer_for else "model", "seed": args.seed,
+            "per_type": args.per_type, "summary": summary, "table": table,
             "records": [r.__dict__ for r in records],
         }, indent=2) + "\n")
     return 0

@@ -1,8 +1,11 @@
-"""Evaluate a demo model through the service's own path, per question type, with ablations.
+"""Evaluate a demo model per question type, with ablations.
 
-Every clip is written as an H.264 file, then read back exactly as the service reads media:
-``plan_video`` + ``encode_video`` (decord, CLIP preprocessing, EVA), ``LlamaVid.prepare`` and
-greedy ``LlamaVid.stream``. Ablations are applied from outside the model code:
+Every clip is written as an H.264 file and handed to an ``Answerer``, which reads it and answers
+greedily. ``llamavid eval-demo`` and ``bench/demo_eval.py`` pass the service's in-process engine
+(``server.worker.offline``: the same extraction loop, feature cache, runner and batched decoder
+as ``llamavid serve``), so the published accuracy is the served path; ``ModelAnswerer`` is the
+model's own loop (``encode_video``, ``prepare``, ``stream``: what ``llamavid ask`` runs), for
+installs without the server. Ablations are applied to the model from outside its code:
 
 * ``no_context`` / ``no_content``: a forward hook on the visual head sets that token of every
   frame to the zero vector before it is spliced into the LLM's input;
@@ -18,10 +21,11 @@ from __future__ import annotations
 import random
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -58,8 +62,7 @@ ABLATIONS: dict[str, Ablation] = {
     )
 }
 
-VARIANT_LABELS = {  # conditions ``bench/demo_eval.py`` adds through ``feature_variants``
-    "fp16_cache": "features read back from fp16 cache blobs (the default store)",
+VARIANT_LABELS = {  # conditions ``bench/demo_eval.py`` adds through ``variants``
     "int8_cache": "features read back from int8 cache blobs",
 }
 
@@ -113,18 +116,32 @@ def prepare(model: LlamaVid, features: torch.Tensor, question: str, ablation: Ab
         return model.prepare([Message("user", prompt_text)], VisualInput(features, "video"))
 
 
-def answer(model: LlamaVid, features: torch.Tensor, question: str, ablation: Ablation = ABLATIONS["full"],
-           *, max_new_tokens: int = 8) -> str:
-    """Greedy answer through ``prepare`` + ``stream``, the service's generation path."""
-    prepared = prepare(model, features, question, ablation)
-    params = model.params(temperature=0.0, max_new_tokens=max_new_tokens)
-    return "".join(delta.text for delta in model.stream(prepared, params))
-
-
 def encode_file(model: LlamaVid, path: str | Path, fps: float = data.CLIP_FPS) -> torch.Tensor:
-    """The service's media path: decord plan + decode, CLIP preprocessing, EVA."""
+    """The media path: decord plan + decode, CLIP preprocessing, EVA, features as the cache stores them."""
     video, indices = plan_video(str(path), FrameSampling(fps=fps))
     return encode_video(model, video, indices).features
+
+
+class Answerer(Protocol):
+    """How an evaluation reads a clip and answers one question about it (greedy, a few tokens)."""
+
+    def read(self, path: Path) -> object: ...
+    def answer(self, clip: object, question: str) -> str: ...
+
+
+class ModelAnswerer:
+    """The model's own loop: ``encode_video``, ``prepare`` and ``stream``, as ``llamavid ask`` runs it."""
+
+    def __init__(self, model: LlamaVid, *, max_new_tokens: int = 8) -> None:
+        self.model, self.max_new_tokens = model, max_new_tokens
+
+    def read(self, path: Path) -> torch.Tensor:
+        return encode_file(self.model, path)
+
+    def answer(self, clip: torch.Tensor, question: str) -> str:
+        prepared = self.model.prepare([Message("user", question)], VisualInput(clip, "video"))
+        params = self.model.params(prepared, temperature=0.0, max_new_tokens=self.max_new_tokens)
+        return "".join(delta.text for delta in self.model.stream(prepared, params))
 
 
 @dataclass
@@ -145,32 +162,35 @@ def eval_clips(seed: int, per_type: int) -> list[tuple[int, str]]:
 
 def run_eval(
     model: LlamaVid,
+    answerer: Answerer | None = None,
     *,
     seed: int = 1,
     per_type: int = 50,
     ablations: list[str] | None = None,
-    feature_variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+    variants: dict[str, Answerer] | None = None,
     progress=None,
 ) -> list[Record]:
-    """Every question of the clip's type, on ``per_type`` clips per type, under each ablation.
-
-    ``feature_variants`` adds conditions that change the cached features instead of the model
-    (e.g. an int8 round trip through a feature store); each is answered with both tokens.
-    """
+    """Every question of the clip's type, on ``per_type`` clips per type, under each ablation of
+    ``model`` (which ``answerer`` must answer with). ``variants`` adds conditions answered by
+    other answerers with both tokens (e.g. features read back from int8 cache blobs)."""
+    answerer = answerer or ModelAnswerer(model)
     names = ablations or list(ABLATIONS)
-    variants = feature_variants or {}
+    variants = variants or {}
     records: list[Record] = []
-    clips = eval_clips(seed, per_type)
     with tempfile.TemporaryDirectory() as tmp:
-        for clip_seed, qtype in clips:
+        for clip_seed, qtype in eval_clips(seed, per_type):
             example = data.make_example(clip_seed, qtype)
             path = data.write_clip(example.scene, Path(tmp) / f"clip-{clip_seed}.mp4")
-            features = encode_file(model, path)
-            altered = {name: change(features) for name, change in variants.items()}
+            clip = answerer.read(path)
+            others = {name: other.read(path) for name, other in variants.items()}
             qas = [qa for qa in data.questions(example.scene, random.Random(clip_seed)) if qa.qtype == qtype]
             for qa in qas:
-                answers = {name: answer(model, features, qa.question, ABLATIONS[name]) for name in names}
-                answers.update({name: answer(model, changed, qa.question) for name, changed in altered.items()})
+                answers = {}
+                for name in names:
+                    ablation = ABLATIONS[name]
+                    with ablated(model, ablation, qa.question):
+                        answers[name] = answerer.answer(clip, qa.question if ablation.prompt_has_question else "")
+                answers.update({name: variants[name].answer(others[name], qa.question) for name in variants})
                 records.append(Record(clip_seed, qtype, qa.question, qa.answer, len(example.scene.shapes), answers))
             if progress is not None:
                 progress(len(records))

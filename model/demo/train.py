@@ -12,6 +12,7 @@ keeps a SHA-256 of the weights after each stage (``weights_sha256``) so a rerun 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -30,12 +31,13 @@ from tqdm import tqdm
 
 from ..config import QFormerDims
 from ..conversation import Message
-from ..export import save_checkpoint
+from ..eva import lavis_parameters, lavis_state_dict
+from ..frame_tokens import HeadOutput
 from ..llama_vid import LlamaVid, VisualInput
 from ..preprocess import ClipPreprocessor
-from ..tiny import TinySpec, build_random_llamavid, train_sentencepiece, write_wordpiece_vocab
+from ..tools.export import save_checkpoint
+from ..tools.tiny import TinySpec, build_random_llamavid, train_sentencepiece, write_wordpiece_vocab
 from ..video import VideoFile
-from ..visual import HeadOutput
 from . import data
 
 DEMO_SPEC = TinySpec(
@@ -45,6 +47,10 @@ DEMO_SPEC = TinySpec(
 )
 TRAIN_SEED_BASE = 1_000_000  # clip seeds for training: seed * TRAIN_SEED_BASE + i
 HOLDOUT_SEED_OFFSET = 500_000  # held-out clips used for the progress bar, disjoint from training
+# The recorded run's pixels were rescaled by float32(1/255) in float32, as this project did before
+# transformers' processor (which rescales in float64, as transformers 4.31 did). The two differ by
+# at most one float16 step on ~0.02% of the stored pixels, but only these reproduce the weights.
+TRAINING_RESCALE = float(np.float32(1 / 255))
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,7 @@ class TrainConfig:
 # -- data -------------------------------------------------------------------------------------
 @dataclass
 class Clip:
-    pixels: torch.Tensor | None  # [T, 3, S, S] float16, preprocessed exactly as the service does
+    pixels: torch.Tensor | None  # [T, 3, S, S] float16, preprocessed as the service does (but TRAINING_RESCALE)
     patch_labels: torch.Tensor  # [T, P, 4] int64: colour, kind (1-based, 0 = no shape), row, column
     example: data.Example
     features: torch.Tensor | None = None  # [T, 1 + P, C] float16 from the frozen vision tower
@@ -88,7 +94,7 @@ def render_clip(args: tuple[int, int, int]) -> Clip:
     example = data.make_example(seed)
     video = VideoFile(data.encode_clip(data.render(example.scene)))
     frames = video.read(list(range(video.info.num_frames)))
-    pixels = ClipPreprocessor(size=image_size, crop_size=image_size)(frames)
+    pixels = ClipPreprocessor(size=image_size, crop_size=image_size, rescale_factor=TRAINING_RESCALE)(frames)
     return Clip(pixels.half(), patch_labels(example.scene, image_size, patch), example)
 
 
@@ -106,6 +112,15 @@ def patch_labels(scene: data.Scene, image_size: int, patch: int, min_cover: floa
     covered = best >= min_cover * patch * patch
     row, col = torch.arange(g * g).div(g, rounding_mode="floor"), torch.arange(g * g) % g
     return torch.stack((colour * covered, kind * covered, *torch.broadcast_tensors(row, col, colour)[:2]), -1)
+
+
+def clip_seeds(cfg: TrainConfig) -> tuple[list[int], list[int]]:
+    """The clip seeds a run trains on and the held-out ones its progress bar scores."""
+    if cfg.clips > HOLDOUT_SEED_OFFSET:
+        raise ValueError(f"at most {HOLDOUT_SEED_OFFSET} training clips: more would reach the held-out seeds")
+    base = (cfg.seed + 1) * TRAIN_SEED_BASE
+    held = base + HOLDOUT_SEED_OFFSET
+    return list(range(base, base + cfg.clips)), list(range(held, held + cfg.holdout))
 
 
 def render_clips(seeds: list[int], image_size: int, patch: int, workers: int, desc: str) -> list[Clip]:
@@ -244,30 +259,34 @@ def pretrain_vision(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: T
     kind, row and column are read out by *separate* linear heads, so the features carry them side
     by side (a mean over patches then mixes the colours of different shapes).
     """
-    width, grid = model.vision.width, model.vision.image_size // model.vision.patch_size
+    vision = model.vision.config
+    width, grid = vision.hidden_size, vision.image_size // vision.patch_size
     sizes = (len(data.COLOURS) + 1, len(data.KINDS) + 1, grid, grid)
     heads = nn.ModuleList([nn.Linear(width, n) for n in sizes])
-    params = list(model.vision.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0, betas=(0.9, 0.98))
     frames = [(i, t) for i, c in enumerate(clips) for t in range(len(c.pixels))]
     rng = random.Random(cfg.seed + 1)
     model.vision.train()
 
     def loss_and_logits(pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        feats = model.vision(pixels.to(model.dtype))[:, 1:]
+        feats = model.vision(pixel_values=pixels.to(model.dtype)).last_hidden_state[:, 1:]
         logits = [h(feats) for h in heads]
         loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten()) for k, lg in enumerate(logits))
         return loss, logits
 
-    bar = tqdm(range(cfg.vision_steps), desc="stage 1: vision", unit="step", disable=not progress)
-    for step in bar:
-        picks = [frames[rng.randrange(len(frames))] for _ in range(cfg.vision_batch)]
-        pixels = torch.stack([clips[i].pixels[t] for i, t in picks])
-        labels = torch.stack([clips[i].patch_labels[t] for i, t in picks])
-        loss, _ = loss_and_logits(pixels, labels)
-        optimizer_step(opt, params, loss, lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.vision_steps // 10))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+    # LAVIS' parameters, in LAVIS' order: the clipped global norm then rounds as it did when the
+    # recorded checkpoint was trained with LAVIS' own module.
+    with lavis_parameters(model.vision) as tower_params:
+        params = tower_params + list(heads.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=0.0, betas=(0.9, 0.98))
+        bar = tqdm(range(cfg.vision_steps), desc="stage 1: vision", unit="step", disable=not progress)
+        for step in bar:
+            picks = [frames[rng.randrange(len(frames))] for _ in range(cfg.vision_batch)]
+            pixels = torch.stack([clips[i].pixels[t] for i, t in picks])
+            labels = torch.stack([clips[i].patch_labels[t] for i, t in picks])
+            loss, _ = loss_and_logits(pixels, labels)
+            optimizer_step(opt, params, loss, lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.vision_steps // 10))
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
     model.vision.eval().requires_grad_(False)
     report = {"vision_steps": cfg.vision_steps}
     with torch.no_grad():  # accuracy on the patches a shape covers, held-out clips
@@ -288,7 +307,8 @@ def attach_features(model: LlamaVid, clips: list[Clip], batch_frames: int = 256)
         if clip is not None:
             pending.append(clip)
         if pending and (clip is None or sum(len(c.pixels) for c in pending) >= batch_frames):
-            feats = model.vision(torch.cat([c.pixels for c in pending]).to(model.dtype)).half()
+            pixels = torch.cat([c.pixels for c in pending]).to(model.dtype)
+            feats = model.vision(pixel_values=pixels).last_hidden_state.half()
             for c, f in zip(pending, feats.split([len(c.pixels) for c in pending])):
                 c.features, c.pixels = f.clone(), None
             pending = []
@@ -424,10 +444,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, progress: bool
 
     with tempfile.TemporaryDirectory() as tmp:
         model, sp_file, vocab_file = build_demo_model(Path(tmp), cfg.spec, seed=cfg.seed)
-        size, patch = cfg.spec.image_size, model.vision.patch_size
-        base = (cfg.seed + 1) * TRAIN_SEED_BASE
-        train_clips = render_clips(list(range(base, base + cfg.clips)), size, patch, cfg.workers, "rendering clips")
-        held_seeds = list(range(base + HOLDOUT_SEED_OFFSET, base + HOLDOUT_SEED_OFFSET + cfg.holdout))
+        size, patch = cfg.spec.image_size, model.vision.config.patch_size
+        train_seeds, held_seeds = clip_seeds(cfg)
+        train_clips = render_clips(train_seeds, size, patch, cfg.workers, "rendering clips")
         held = render_clips(held_seeds, size, patch, cfg.workers, "held-out clips")
         lap("render")
         digests = {}
@@ -456,10 +475,17 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, progress: bool
     return model, summary
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over every tensor of the state dict: two runs agree bit for bit iff their digests do."""
+def weights_digest(model: LlamaVid) -> str:
+    """SHA-256 over every tensor of the state dict: two runs agree bit for bit iff their digests do.
+
+    The vision tower is hashed under its LAVIS names (``vision.`` + ``eva_vit_g.pth``'s keys, in that
+    order, first), as the state dict named it when the tower was LAVIS' own module: the digests
+    recorded with that module still check a rerun.
+    """
     h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
+    vision = (("vision." + name, tensor) for name, tensor in lavis_state_dict(model.vision).items())
+    rest = ((name, tensor) for name, tensor in model.state_dict().items() if not name.startswith("vision."))
+    for name, tensor in itertools.chain(vision, rest):
         h.update(name.encode())
         h.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return h.hexdigest()

@@ -1,19 +1,17 @@
-"""Loading and warming up the model a worker serves, from settings."""
+"""Loading the model a worker serves, from settings, and describing it (the model card)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from model import demo
-from model.conversation import Message
-from model.llama_vid import LlamaVid, VisualInput
+from model.llama_vid import LlamaVid
 from model.loader import load_llamavid
 
-from ..engine import ModelCard
+from ..engine.protocol import ModelCard
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,12 +41,17 @@ def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
     elif demo_kind == "trained":
         log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
                     "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s", BANNER, model_dir, BANNER)
-    card = ModelCard(
-        id=_model_id(model_dir, demo_kind), path=str(model_dir), demo=demo_kind,
+    return model, describe(model, model_dir)
+
+
+def describe(model: LlamaVid, model_dir: str | Path) -> ModelCard:
+    """The card ``/v1/models`` shows and workers advertise."""
+    demo_kind = _demo_kind(str(model_dir))
+    return ModelCard(
+        id=_model_id(str(model_dir), demo_kind), path=str(model_dir), demo=demo_kind,
         tokens_per_frame=model.tokens_per_frame(), context_length=model.context_length,
-        device=str(device), dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
     )
-    return model, card
 
 
 def _model_id(model_dir: str, demo_kind: str | None) -> str:
@@ -63,14 +66,3 @@ def _demo_kind(model_dir: str) -> str | None:
     if demo.is_demo_model(model_dir):
         return "random"
     return "trained" if demo.is_trained_demo(model_dir) else None
-
-
-@torch.inference_mode()
-def warmup(model: LlamaVid) -> None:
-    """One encode + prefill + decode step, so the first user does not pay for lazy initialisation."""
-    size = model.processor.crop_size
-    frames = np.zeros((2, size, size, 3), dtype=np.uint8)
-    features = model.encode_frames(model.preprocess(frames))
-    prepared = model.prepare([Message("user", "warm up")], VisualInput(features.cpu(), "video"))
-    for _ in zip(range(2), model.stream(prepared, model.params(max_new_tokens=2))):
-        pass

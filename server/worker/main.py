@@ -22,13 +22,14 @@ from redis.asyncio import Redis
 
 from cache import MemoryFeatureStore, RedisFeatureStore, TieredFeatureStore
 
-from ..cache_metrics import CacheMetrics
-from ..jobs import QuestionJob, VideoJob, error_event
+from ..engine.events import AnyEvent, ErrorEvent
+from ..engine.jobs import QuestionJob, VideoJob
+from ..engine.redis.queue import QUESTIONS, VIDEOS, RedisJobQueue, encode_card
+from ..engine.redis.storage import RedisMediaStore, RedisVideoRegistry
 from ..metrics import LlamaVidMetrics
-from ..redis_backends import RedisMediaStore, RedisVideoRegistry
-from ..redis_queue import QUESTIONS, VIDEOS, RedisJobQueue, encode_card
 from ..settings import Settings
-from .loading import load_model, resolve_device, warmup
+from .cache_metrics import CacheMetrics
+from .loading import load_model, resolve_device
 from .runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -134,9 +135,9 @@ class Worker:
     async def _run(self, queue: str, entry_id: str, payload: str) -> None:
         try:
             if queue == VIDEOS:
-                await self.runner.extract(VideoJob.from_json(payload))
+                await self.runner.extract(VideoJob.model_validate_json(payload))
             else:
-                await self._answer(QuestionJob.from_json(payload), entry_id)
+                await self._answer(QuestionJob.model_validate_json(payload), entry_id)
         except Exception:
             log.exception("job %s on %s failed", entry_id, queue)
         try:
@@ -150,7 +151,7 @@ class Worker:
     async def _answer(self, job: QuestionJob, entry_id: str) -> None:
         attempt = await self._retry(lambda: self.queue.start_attempt(job.request_id))
 
-        async def emit(event) -> None:
+        async def emit(event: AnyEvent) -> None:
             await self._retry(lambda: self.queue.emit(job.request_id, attempt, event))
 
         async def cancelled() -> bool:
@@ -164,7 +165,7 @@ class Worker:
         try:
             await self.runner.answer(job, emit, cancelled)
         except Exception as exc:
-            await emit(error_event(500, "internal_error", f"internal error: {exc}"))
+            await emit(ErrorEvent(status=500, code="internal_error", message=f"internal error: {exc}"))
             raise
 
 
@@ -177,7 +178,6 @@ async def _main(settings: Settings) -> int:
     metrics.serve_http(settings.worker_metrics_port)
     redis = Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=10)
     model, card = await asyncio.to_thread(load_model, settings)
-    await asyncio.to_thread(warmup, model)
     device = resolve_device(settings.device)
     hot = MemoryFeatureStore(settings.cache_bytes, device=device if device.type == "cuda" else None)
     cold = RedisFeatureStore(redis, namespace=settings.redis_namespace, ttl_seconds=settings.cache_ttl_seconds,
@@ -190,6 +190,7 @@ async def _main(settings: Settings) -> int:
         max_running=settings.max_running, encode_batch=settings.encode_batch, batch_capacity=settings.batch_capacity, template=settings.template,
         stall_timeout=settings.visibility_timeout, on_cache_access=cache_metrics.sync,
     )
+    await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)
     worker = Worker(settings, redis, runner, card, metrics)
     loop = asyncio.get_running_loop()

@@ -1,11 +1,10 @@
-"""The GPU worker's job logic: extract a video's features, answer a question, emit events.
+"""The GPU worker's job logic: extract a video's features, answer a question, emit its events.
 
-All model work goes through one single-thread executor, in small steps (one chunk of frames,
-one decode step), and every running request submits its steps to it. The executor's FIFO order
-interleaves them: a long extraction never blocks questions about cached videos for more than
-one chunk, and concurrent answers advance token by token. Everything else (cache, registry,
-events) is async on the event loop. The same class runs inside ``llamavid serve`` and inside
-each ``llamavid worker``; only where jobs come from and events go differs.
+The same class runs inside ``llamavid serve`` and inside each ``llamavid worker``; only where
+jobs come from and where events go differs. A question's tokens come from ``Decoding`` and are
+turned into text by the model's own ``Generation`` state (detokenizer, stop strings, EOS,
+length: the loop ``LlamaVid.stream`` runs for the CLI and the evaluation). Every admitted
+question ends with a ``done`` or an ``error`` event, unless the client went away.
 """
 
 from __future__ import annotations
@@ -15,37 +14,28 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TypeVar
 
+import numpy as np
 import torch
 
-from cache import FeatureStore, Manifest, sampling_id
-from model.batching import BatchedDecoder
+from cache import FeatureStore
 from model.conversation import Message, get_template
-from model.detokenize import IncrementalDetokenizer
-from model.generate import generate_tokens, with_budget
-from model.llama_vid import LlamaVid, VisualInput
-from model.pipeline import ImageDecodeError, decode_image, encode_image, plan_video
-from model.video import FrameSampling, VideoDecodeError
+from model.llama_vid import LlamaVid, PreparedPrompt, VisualInput
 
-from ..jobs import Event, MediaRef, QuestionJob, Sampling, VideoJob, error_event
-from ..metrics import LlamaVidMetrics
-from ..storage import MediaStore, VideoRegistry
+from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, RelevanceEvent
+from ..engine.jobs import JOB_VERSION, QuestionJob, VideoJob
+from ..engine.storage import MediaStore, VideoRegistry
+from ..metrics import LlamaVidMetrics, LlamaVidRequestMetrics
+from .decoding import DecodeFailure, Decoding
+from .features import Emit, FeatureSource, JobError
+from .model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[Event], Awaitable[None]]
-IMAGE_SAMPLING = {"image": True}
-
-
-class JobError(Exception):
-    """A failure to report to the client as a 4xx/5xx error event."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+CancelFlag = Callable[[], bool | Awaitable[bool]]  # a plain flag in-process, a Redis lookup when split
+T = TypeVar("T")
 
 
 class ModelRunner:
@@ -66,360 +56,136 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.store = store
-        self.media = media
-        self.registry = registry
         self.metrics = metrics
-        self.encode_batch = encode_batch
-        self.stall_timeout = stall_timeout
         self.template = template
-        self._on_cache_access = on_cache_access or (lambda: None)
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="llamavid-model")
+        self.thread = ModelThread()
+        self.features = FeatureSource(model, store, media, registry, metrics, self.thread, encode_batch=encode_batch,
+                                      stall_timeout=stall_timeout, on_cache_access=on_cache_access or (lambda: None))
+        self.decoding = Decoding(model, self.thread, max_slots=max_running, capacity=batch_capacity)
         self._running = asyncio.Semaphore(max_running)
-        self.max_running = max_running
-        self.batch_capacity = batch_capacity  # positions per slot of the shared decode cache; 0 disables batching
-        self._batch: BatchedDecoder | None = None
-        self._decode_task: asyncio.Task | None = None
-        self._extracting: dict[tuple[str, str], asyncio.Task[tuple[torch.Tensor, Manifest]]] = {}
 
-    async def compute(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run one step of model work on the model thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def start(self) -> None:
+        """Warm up (so the first user does not pay for lazy initialisation) and build the decode batch."""
+        await self.thread(warmup, self.model)
+        await self.decoding.start()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.thread.close()
 
-    # -- videos ----------------------------------------------------------------------------------
     async def extract(self, job: VideoJob) -> None:
-        """A video job: make sure the features of this sampling of the video are cached."""
-        try:
-            await self._video_features(job.digest, job.sampling, job.video_id, emit=None)
-            self.metrics.video_job_finished("done")
-        except asyncio.CancelledError:
-            self.metrics.video_job_finished("cancelled")
-            raise
-        except Exception:  # already recorded on the video's record by _extract_tracked
-            self.metrics.video_job_finished("failed")
+        await self.features.extract(job)
 
-    async def _video_features(
-        self, digest: str, sampling: dict, video_id: str | None, emit: Emit | None
-    ) -> tuple[torch.Tensor | list[torch.Tensor], Manifest]:
-        """Cached features, or wait for another extraction of the same video, or extract here."""
-        sid = sampling_id(sampling)
-        cached = await self._cached(digest, sid)
-        if cached is not None:
-            if video_id:
-                record = await self.registry.get(video_id)
-                if record and record.status != "ready":
-                    await self._mark_ready(video_id, cached[1])
-            return cached
-        key = (digest, sid)
-        if key not in self._extracting and video_id and not await self.registry.claim(video_id, self.stall_timeout):
-            # Another worker (or request) is extracting this video: follow its progress instead.
-            waited = await self._wait_for_other_worker(video_id, emit)
-            if waited is not None:
-                return waited
-        task = self._extracting.get(key)  # looked up after the await: another request may have started it
-        if task is None:
-            task = asyncio.ensure_future(self._extract_tracked(digest, sampling, video_id))
-            self._extracting[key] = task
-            task.add_done_callback(lambda _: self._extracting.pop(key, None))
-        relay = asyncio.ensure_future(self._relay_progress(video_id, emit)) if emit and video_id else None
-        try:
-            return await asyncio.shield(task)
-        finally:
-            if relay is not None:
-                relay.cancel()
-
-    async def _relay_progress(self, video_id: str, emit: Emit) -> None:
-        async for record in self.registry.watch(video_id, timeout=float("inf")):
-            await emit(_progress(record))
-
-    async def _extract_tracked(self, digest: str, sampling: dict, video_id: str | None) -> tuple[torch.Tensor, Manifest]:
-        """``_extract_now`` that leaves the video record failed, with the reason, if it fails."""
-        try:
-            return await self._extract_now(digest, sampling, video_id)
-        except Exception as exc:
-            if not isinstance(exc, JobError):
-                log.exception("extracting video %s failed", video_id or digest)
-                exc = JobError(500, "internal_error", f"internal error: {type(exc).__name__}: {exc}")
-            if video_id:
-                await self.registry.update(video_id, status="failed", error=exc.message, error_code=exc.code)
-            raise exc
-
-    async def _cached(self, digest: str, sid: str) -> tuple[torch.Tensor, Manifest] | None:
-        features = None
-        try:
-            manifest = await self.store.get_manifest(self.model.encoder_fingerprint, digest, sid)
-            if manifest is not None:
-                # Per-frame references, stacked by the model one block at a time: no hour-long copy.
-                frames = await self.store.get_frames(manifest.encoder_id, digest, manifest.frame_indices)
-                features = None if any(f is None for f in frames) else frames
-        finally:
-            self._on_cache_access()
-        return None if features is None else (features, manifest)
-
-    async def _wait_for_other_worker(self, video_id: str, emit: Emit | None) -> tuple[torch.Tensor, Manifest] | None:
-        """Follow another extraction of this video; None if it stalls (its worker died) or vanishes."""
-        while True:
-            record = None
-            async for record in self.registry.watch(video_id, timeout=self.stall_timeout):
-                if emit is not None:
-                    await emit(_progress(record))
-                if record.terminal:
-                    break
-            if record is None:
-                return None
-            if record.status == "ready":
-                return await self._cached(record.digest, sampling_id(record.sampling))
-            if record.status == "failed":
-                raise JobError(400, record.error_code or "invalid_video", record.error or "the video failed to extract")
-            if time.time() - record.updated_at > self.stall_timeout:
-                return None  # no progress for a while: take the extraction over
-
-    async def _extract_now(self, digest: str, sampling: dict, video_id: str | None) -> tuple[torch.Tensor, Manifest]:
-        data = await self.media.get(digest)
-        if data is None:
-            raise JobError(410, "media_gone", "the video's bytes are no longer stored; upload it again")
-        spec = Sampling.from_dict(sampling)
-        frame_sampling = FrameSampling(spec.fps, spec.max_frames, spec.start, spec.end)
-        try:
-            video, indices = await self.compute(plan_video, data, frame_sampling)
-        except VideoDecodeError as exc:
-            raise JobError(400, "invalid_video", str(exc)) from exc
-        info = video.info
-        if video_id:
-            await self.registry.update(
-                video_id, status="extracting", frames_total=len(indices), frames_done=0, duration=info.duration,
-                source_fps=info.avg_fps, fps=spec.fps, width=info.width, height=info.height,
-            )
-        chunks, done = [], 0
-        frames_iter = video.iter_frames(indices, chunk=self.encode_batch)
-        while True:
-            try:
-                with self.metrics.stage("decode"):
-                    frames = await self.compute(next, frames_iter, None)
-            except VideoDecodeError as exc:
-                raise JobError(400, "invalid_video", str(exc)) from exc
-            if frames is None:
-                break
-            with self.metrics.stage("encode"):
-                feats = await self.compute(self._encode_chunk, frames)
-            part = indices[done : done + len(frames)]
-            await self.store.put_frames(self.model.encoder_fingerprint, digest, part, feats)
-            chunks.append(feats)
-            done += len(frames)
-            self.metrics.frames_decoded.inc(len(frames))
-            self.metrics.frames_encoded.inc(len(frames))
-            if video_id:
-                await self.registry.update(video_id, frames_done=done)
-        features = torch.cat(chunks)
-        manifest = Manifest(
-            video_digest=digest, encoder_id=self.model.encoder_fingerprint, sampling=sampling,
-            frame_indices=indices, timestamps=video.timestamps(indices), source_fps=info.avg_fps,
-            num_source_frames=info.num_frames, duration=info.duration, feature_shape=list(features.shape[1:]),
-            dtype="float16",
-        )
-        await self.store.put_manifest(manifest)
-        if video_id:
-            await self._mark_ready(video_id, manifest)
-        return features, manifest
-
-    def _encode_chunk(self, frames) -> torch.Tensor:
-        # Stored and served as fp16, so the first answer sees exactly what later (cached) ones see.
-        pixels = self.model.preprocess(frames)
-        return self.model.encode_frames(pixels, batch_size=self.encode_batch).to("cpu", torch.float16)
-
-    async def _mark_ready(self, video_id: str, manifest: Manifest) -> None:
-        await self.registry.update(
-            video_id, status="ready", frames_total=manifest.num_frames, frames_done=manifest.num_frames,
-            duration=manifest.duration, source_fps=manifest.source_fps, error=None, error_code=None,
-        )
-
-    async def _image_features(self, digest: str) -> torch.Tensor:
-        sid = sampling_id(IMAGE_SAMPLING)
-        cached = await self._cached(digest, sid)
-        if cached is not None:
-            return cached[0]
-        data = await self.media.get(digest)
-        if data is None:
-            raise JobError(410, "media_gone", "the image's bytes are no longer stored; send it again")
-        try:
-            image = await self.compute(decode_image, data)
-        except ImageDecodeError as exc:
-            raise JobError(400, "invalid_image", str(exc)) from exc
-        with self.metrics.stage("encode"):
-            feats = await self.compute(lambda: encode_image(self.model, image).to(torch.float16))
-        self.metrics.frames_encoded.inc(1)
-        await self.store.put_frames(self.model.encoder_fingerprint, digest, [0], feats)
-        await self.store.put_manifest(Manifest(
-            video_digest=digest, encoder_id=self.model.encoder_fingerprint, sampling=IMAGE_SAMPLING,
-            frame_indices=[0], timestamps=[0.0], source_fps=1.0, num_source_frames=1, duration=0.0,
-            feature_shape=list(feats.shape[1:]), dtype="float16",
-        ))
-        return feats
-
-    # -- questions -------------------------------------------------------------------------------
-    async def answer(self, job: QuestionJob, emit: Emit, cancelled: Callable[[], bool | Awaitable[bool]]) -> None:
-        """Answer one question, emitting progress, relevance, deltas and a final done/error event."""
+    async def answer(self, job: QuestionJob, emit: Emit, cancelled: CancelFlag) -> None:
+        """Answer one question, emitting progress, relevance, deltas and a final done or error event."""
+        if job.version != JOB_VERSION:
+            await emit(ErrorEvent(status=500, code="version_mismatch", message=(
+                f"the job was written as version {job.version}; this worker reads version {JOB_VERSION}")))
+            return
         tracker = self.metrics.track_request(job.arrival_time)
         try:
             with tracker:
                 visual, timestamps = await self._visual(job, emit)
-                async with self._running:
+                await _before(job.deadline, self._running.acquire(), "waiting for a free slot")
+                try:
                     tracker.start()
                     reason = await self._generate(job, visual, timestamps, emit, cancelled, tracker)
+                finally:
+                    self._running.release()
                 tracker.finish(reason)
         except JobError as exc:
-            await emit(error_event(exc.status, exc.code, exc.message))
+            await emit(exc.event)
+        except DecodeFailure as exc:
+            await emit(ErrorEvent(status=exc.status, code=exc.code, message=exc.message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("request %s failed", job.request_id)
-            await emit(error_event(500, "internal_error", f"internal error: {type(exc).__name__}: {exc}"))
+            await emit(ErrorEvent(status=500, code="internal_error", message=f"internal error: {type(exc).__name__}: {exc}"))
 
     async def _visual(self, job: QuestionJob, emit: Emit) -> tuple[VisualInput | None, list[float]]:
-        ref = job.media_ref
+        ref = job.media
         if ref is None:
             return None, []
         if ref.kind == "image":
-            return VisualInput(await self._image_features(ref.digest), "image"), [0.0]
-        features, manifest = await self._video_features(ref.digest, ref.sampling or {}, ref.video_id, emit)
-        return VisualInput(features, "video"), manifest.timestamps
+            return VisualInput(await self.features.image(ref.digest), "image"), [0.0]
+        frames, manifest = await self.features.video(ref, emit)
+        return VisualInput(frames, "video"), manifest.timestamps
 
-    async def _generate(self, job, visual, timestamps, emit, cancelled, tracker) -> str:
-        messages = [Message(m["role"], m["content"]) for m in job.messages]
+    async def _prepare(self, job: QuestionJob, visual: VisualInput | None):
+        messages = [Message(turn.role, turn.content) for turn in job.messages]
         template = get_template(job.template or self.template)
         if job.system is not None:
             template = replace(template, system=job.system)
+        s = job.sampling
         try:
             with self.metrics.stage("tokens"):
-                prepared = await self.compute(
-                    lambda: self.model.prepare(messages, visual, template=template, with_relevance=job.relevance)
-                )
-            params = self.model.params(**job.params)  # request values over generation_config.json
-            params = with_budget(params, prepared.num_prompt_tokens, self.model.context_length)
+                prepared = await self.thread(
+                    lambda: self.model.prepare(messages, visual, template=template, with_relevance=job.relevance))
+            params = self.model.params(prepared, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                       max_new_tokens=s.max_tokens, stop=s.stop, seed=s.seed)
         except ValueError as exc:
             code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
             raise JobError(400, code, str(exc)) from exc
+        return prepared, params
+
+    async def _generate(self, job: QuestionJob, visual: VisualInput | None, timestamps: list[float], emit: Emit,
+                        cancelled: CancelFlag, tracker: LlamaVidRequestMetrics) -> str:
+        prepared, params = await self._prepare(job, visual)
         tracker.prompt(prepared.num_prompt_tokens - prepared.num_visual_tokens, prepared.num_visual_tokens)
         if job.relevance and prepared.relevance is not None:
-            await emit(Event("relevance", relevance_payload(prepared.relevance, timestamps)))
-        batcher = await self._batcher()
-        if batcher is not None and batcher.fits(prepared.num_prompt_tokens, params.max_new_tokens):
-            tokens = _BatchedTokens(self, batcher, prepared.inputs_embeds, params)
-        else:
-            tokens = _SingleTokens(self, generate_tokens(self.model.llm, prepared.inputs_embeds, params,
-                                                         eos_id=self.model.tokenizer.eos_id))
-        detok = IncrementalDetokenizer(self.model.tokenizer, params.stop)
-        eos = self.model.tokenizer.eos_id
-        completion, reason = 0, "abort"
+            await emit(RelevanceEvent(frames=relevance_frames(prepared.relevance, timestamps)))
+        generation = self.model.generation(params)
+        tokens = self.decoding.open(prepared, params)
         try:
             while True:
-                gone = await _is_set(cancelled)
-                if gone or (job.deadline is not None and time.time() > job.deadline):
-                    if not gone:
-                        await emit(error_event(408, "timeout", "the request ran past its deadline"))
-                    break
-                with self.metrics.stage("prefill" if completion == 0 else "decode_step"):
-                    token = await tokens.next()
-                completion += 1
+                if await _is_set(cancelled):
+                    return "abort"
+                with self.metrics.stage("prefill" if generation.num_tokens == 0 else "decode_step"):
+                    token = await _before(job.deadline, tokens.next(), "generating")
                 tracker.token()
-                if token == eos:
-                    text, reason = detok.finish(), "stop"
-                else:
-                    text = detok.add(token)
-                    if detok.stopped:
-                        reason = "stop"
-                    elif completion >= params.max_new_tokens:
-                        text, reason = text + detok.finish(), "length"
-                if text:  # the detokenizer holds back partial characters and stop-string prefixes
-                    await emit(Event("delta", {"text": text}))
-                if reason != "abort":
-                    break
+                delta = generation.push(token)
+                if delta.text:  # the detokenizer holds back partial characters and stop-string prefixes
+                    await emit(DeltaEvent(text=delta.text))
+                if delta.finish_reason is not None:
+                    await emit(_done(delta.finish_reason, prepared, generation.num_tokens))
+                    return delta.finish_reason
         finally:
             await tokens.close()
-        if reason != "abort":
-            await emit(Event("done", {
-                "finish_reason": reason,
-                "prompt_tokens": prepared.num_prompt_tokens,
-                "visual_tokens": prepared.num_visual_tokens,
-                "completion_tokens": completion,
-            }))
-        return reason
-
-    async def _batcher(self) -> BatchedDecoder | None:
-        if self._batch is None and self.batch_capacity > 0:
-            capacity = min(2 * self.model.context_length, self.batch_capacity)
-            self._batch = await self.compute(lambda: BatchedDecoder(self.model.llm, self.max_running, capacity))
-        return self._batch
-
-    def _ensure_decode_loop(self) -> None:
-        if self._decode_task is None or self._decode_task.done():
-            self._decode_task = asyncio.ensure_future(self._decode_loop())
-
-    async def _decode_loop(self) -> None:
-        """One batched decode step after another while any request holds a slot."""
-        batch = self._batch
-        while batch is not None and batch.active:
-            for handle, token in await self.compute(batch.step):
-                handle.put_nowait(token)
 
 
-class _SingleTokens:
-    """Tokens of one request decoded on its own (it does not fit the batch cache)."""
-
-    def __init__(self, runner: ModelRunner, generator) -> None:
-        self.runner, self.generator = runner, generator
-
-    async def next(self) -> int:
-        return await self.runner.compute(next, self.generator)
-
-    async def close(self) -> None:
-        await self.runner.compute(self.generator.close)
+async def _before(deadline: float, step: Awaitable[T], doing: str) -> T:
+    """``step``, unless the request's deadline passes first (then a 408 error event)."""
+    try:
+        return await asyncio.wait_for(step, timeout=max(0.0, deadline - time.time()))
+    except asyncio.TimeoutError:
+        raise JobError(408, "timeout", f"the request ran past its deadline while {doing}") from None
 
 
-class _BatchedTokens:
-    """Tokens of one request in the shared decode batch: prefilled alone, then stepped with the others."""
-
-    def __init__(self, runner: ModelRunner, batch: BatchedDecoder, inputs_embeds, params) -> None:
-        self.runner, self.batch, self.inputs_embeds, self.params = runner, batch, inputs_embeds, params
-        self.queue: asyncio.Queue[int] = asyncio.Queue()
-        self.added = False
-
-    async def next(self) -> int:
-        if not self.added:
-            self.added = True
-            token = await self.runner.compute(self.batch.add, self.queue, self.inputs_embeds, self.params)
-            self.runner._ensure_decode_loop()
-            return token
-        return await self.queue.get()
-
-    async def close(self) -> None:
-        if self.added:
-            await self.runner.compute(self.batch.remove, self.queue)
-
-
-async def _is_set(flag: Callable[[], bool | Awaitable[bool]]) -> bool:
-    """The cancel flag: a plain callable in-process, a Redis lookup in a split deployment."""
+async def _is_set(flag: CancelFlag) -> bool:
     value = flag()
     return bool(await value) if inspect.isawaitable(value) else bool(value)
 
 
-def relevance_payload(scores: torch.Tensor, timestamps: list[float]) -> dict:
+def _done(reason: str, prepared: PreparedPrompt, completion: int) -> DoneEvent:
+    return DoneEvent(finish_reason=reason, prompt_tokens=prepared.num_prompt_tokens,
+                     visual_tokens=prepared.num_visual_tokens, completion_tokens=completion)
+
+
+def relevance_frames(scores: torch.Tensor, timestamps: list[float]) -> list[FrameRelevance]:
     """Per-frame relevance: the raw attention score and a softmax over frames (sums to 1)."""
     raw = scores.float()
     weights = torch.softmax(raw, dim=0)
-    return {
-        "frames": [
-            {"index": i, "time": round(timestamps[i], 3) if i < len(timestamps) else None,
-             "score": round(float(raw[i]), 5), "weight": round(float(weights[i]), 6)}
-            for i in range(len(raw))
-        ]
-    }
+    return [FrameRelevance(index=i, time=round(timestamps[i], 3) if i < len(timestamps) else None,
+                           score=round(float(raw[i]), 5), weight=round(float(weights[i]), 6))
+            for i in range(len(raw))]
 
 
-def _progress(record) -> Event:
-    return Event("progress", {
-        "video_id": record.id, "status": record.status, "frames_done": record.frames_done,
-        "frames_total": record.frames_total, "error": record.error,
-    })
+@torch.inference_mode()
+def warmup(model: LlamaVid) -> None:
+    """One encode + prefill + decode step, so the first user does not pay for lazy initialisation."""
+    size = model.processor.crop_size
+    frames = np.zeros((2, size, size, 3), dtype=np.uint8)
+    features = model.encode_frames(model.preprocess(frames))
+    prepared = model.prepare([Message("user", "warm up")], VisualInput(features.cpu(), "video"))
+    for _ in model.stream(prepared, model.params(prepared, max_new_tokens=2)):
+        pass

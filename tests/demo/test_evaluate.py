@@ -8,9 +8,9 @@ import torch
 from model.demo import data
 from model.demo.evaluate import (
     ABLATIONS,
+    ModelAnswerer,
     Record,
     ablated,
-    answer,
     encode_file,
     markdown_table,
     normalise,
@@ -71,10 +71,13 @@ def test_prompt_and_qformer_text_are_set_independently(small):
     assert not torch.allclose(visual(both)[0::2], visual(full)[0::2])
 
 
-def test_answers_go_through_stream(small):
+def test_the_model_answerer_goes_through_stream(small, monkeypatch):
     model, features = small
-    text = answer(model, features, QUESTION, max_new_tokens=3)
-    assert isinstance(text, str)
+    streamed = []
+    real_stream = model.stream
+    monkeypatch.setattr(model, "stream", lambda *a: streamed.append(1) or real_stream(*a))
+    text = ModelAnswerer(model, max_new_tokens=3).answer(features, QUESTION)
+    assert isinstance(text, str) and streamed == [1]
 
 
 def test_run_eval_covers_every_type_and_condition(small):

@@ -7,12 +7,13 @@ these answers too; the full table (100 clips per type, every ablation) is ``benc
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
-from model.demo import SHIPPED_DIR, TRAINED_DEMO_KIND, default_model_dir, is_trained_demo, shipped_dir
+from model.demo import SHIPPED_DIR, TRAINED_DEMO_KIND, data, default_model_dir, is_trained_demo, shipped_dir
 from model.demo.cli import _reproduction_line, _shipped_digests
-from model.demo.evaluate import run_eval, summarise
+from model.demo.evaluate import ModelAnswerer, eval_clips, run_eval, summarise
 from model.demo.train import TrainConfig
 from server.cli import main as cli_main
 
@@ -61,11 +62,29 @@ def test_answers_fresh_clips_and_needs_the_context_token_for_binding(shipped):
     assert summary["no_context"]["binding"] <= summary["full"]["binding"] - 0.25, summary
 
 
+def test_the_served_path_answers_as_the_models_own_loop(shipped, tmp_path):
+    """``eval-demo`` answers through the in-process engine (extraction into the feature cache,
+    the runner, the batched decoder); on fresh clips it says exactly what ``llamavid ask``'s loop says."""
+    from server.worker.offline import OfflineEngine
+
+    direct = ModelAnswerer(shipped)
+    with OfflineEngine(shipped, fps=data.CLIP_FPS) as served:
+        for clip_seed, qtype in eval_clips(11, 2):
+            example = data.make_example(clip_seed, qtype)
+            path = data.write_clip(example.scene, tmp_path / f"{clip_seed}.mp4")
+            features, ref = direct.read(path), served.read(path)
+            for qa in data.questions(example.scene, random.Random(clip_seed)):
+                assert served.answer(ref, qa.question) == direct.answer(features, qa.question), qa.question
+        frames_encoded = served.engine.metrics.frames_encoded._value.get()
+    assert frames_encoded == sum(data.make_example(s, t).scene.num_frames for s, t in eval_clips(11, 2))
+
+
 def test_eval_demo_command_writes_its_table(tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert cli_main(["eval-demo", "--per-type", "1", "--ablations", "full,no_content", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["model"] == str(SHIPPED_DIR) and set(report["summary"]) == {"full", "no_content"}
+    assert report["path"] == "served"
     assert "| full: both tokens" in capsys.readouterr().out
 
 

@@ -8,7 +8,6 @@ the API key. Screenshots go to ``artifacts/screenshots/``.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from model.demo import RANDOM_TINY_NAME
+from tests.needs import missing
 from tests.serving import REPO, start_server
 from tests.videos import write_video
 
@@ -35,18 +35,12 @@ ABORTS = re.compile(r'^llamavid_request_success_total\{finished_reason="abort"\}
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def browser():
-    required = os.environ.get("LLAMAVID_REQUIRE_BROWSER") == "1"
     if not CHROMIUM.exists():
-        message = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)"
-        if required:
-            pytest.fail(message + " (LLAMAVID_REQUIRE_BROWSER=1)")
-        pytest.skip(message)
+        missing(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        if required:
-            raise
-        pytest.skip(f"playwright is not installed: {exc}")
+        missing(f"playwright is not installed: {exc}")
     from playwright.sync_api import expect
 
     expect.set_options(timeout=20_000)
@@ -268,7 +262,7 @@ def test_errors_in_plain_words(service, open_page):
     from playwright.sync_api import expect
 
     page = open_page(service.url, color_scheme="dark")
-    page.fill("#media-url", "http://10.0.0.1/x.mp4")
+    page.fill("#media-url", "http://127.0.0.2/x.mp4")  # loopback, not allow-listed
     page.press("#media-url", "Enter")
     error = page.locator("#error")
     expect(error).to_be_visible()

@@ -15,7 +15,7 @@ from model.conversation import Message
 from model.generate import GenerationParams
 from model.llama_vid import VisualInput
 from model.loader import load_llamavid
-from model.tiny import make_tiny
+from model.tools.tiny import make_tiny
 from tests.model.checkpoints import all_weights, clone, edit_config, edit_weights, weight_files
 
 
@@ -83,7 +83,7 @@ def test_loaded_weights_are_the_checkpoint_tensors(tiny_checkpoint: Path, tiny_m
         assert torch.equal(param, w[key].float()), key
     # The vision tower comes from eva_vit_g.pth (fp32), not from the bf16 copy inside the shards.
     eva = torch.load(tiny_checkpoint / "eva_vit_g.pth", weights_only=True)
-    assert torch.equal(tiny_model.vision.blocks[0].attn.qkv.weight, eva["blocks.0.attn.qkv.weight"])
+    assert torch.equal(tiny_model.vision.encoder.layers[0].self_attn.qkv.weight, eva["blocks.0.attn.qkv.weight"])
     assert not torch.equal(eva["blocks.0.attn.qkv.weight"],
                            w["model.vision_tower.vision_tower.blocks.0.attn.qkv.weight"].float())
 
@@ -93,7 +93,8 @@ def test_copied_vision_tower_is_ignored(tiny_checkpoint: Path, tiny_model, tmp_p
     ckpt = clone(tiny_checkpoint, tmp_path / "ckpt")
     key = "model.vision_tower.vision_tower.pos_embed"
     edit_weights(ckpt, lambda s: s.__setitem__(key, torch.full_like(s[key], 7.0)), holding=key)
-    assert torch.equal(load_llamavid(ckpt).vision.pos_embed, tiny_model.vision.pos_embed)
+    pos = tiny_model.vision.embeddings.position_embedding
+    assert torch.equal(load_llamavid(ckpt).vision.embeddings.position_embedding, pos)
 
 
 def test_persisted_rotary_inv_freq_is_dropped(tiny_checkpoint: Path, tiny_model, tiny_frames, tmp_path: Path) -> None:
@@ -132,7 +133,7 @@ def test_official_relative_paths_fall_back_to_the_basename(tiny_checkpoint: Path
     model = load_llamavid(ckpt)
     assert model.config.vision_tower_path == ckpt / "towers" / "eva_vit_g.pth"
     assert model.config.image_processor_path == ckpt / "processor"
-    assert torch.equal(model.vision.pos_embed, tiny_model.vision.pos_embed)
+    assert torch.equal(model.vision.embeddings.position_embedding, tiny_model.vision.embeddings.position_embedding)
 
 
 def test_absolute_paths(tiny_checkpoint: Path, tiny_model, tiny_frames, tmp_path: Path) -> None:
@@ -161,11 +162,11 @@ def test_caller_overrides_win(tiny_checkpoint: Path, tiny_model, tmp_path: Path)
         load_llamavid(ckpt)
     model = load_llamavid(ckpt, vision_tower=elsewhere / "eva.pth", image_processor=elsewhere / "clip-84")
     assert model.config.vision_tower_path == elsewhere / "eva.pth"
-    assert model.processor.crop_size == 84 and model.vision.image_size == 84
+    assert model.processor.crop_size == 84 and model.vision.config.image_size == 84
     # As strings too (what the CLI passes).
     model = load_llamavid(ckpt, vision_tower=str(elsewhere / "eva.pth"))
     assert model.processor.crop_size == 56
-    assert torch.equal(model.vision.pos_embed, tiny_model.vision.pos_embed)
+    assert torch.equal(model.vision.embeddings.position_embedding, tiny_model.vision.embeddings.position_embedding)
 
 
 def test_bundled_processor_aliases(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ def test_bundled_processor_aliases(tiny_checkpoint: Path, tmp_path: Path) -> Non
     edit_config(ckpt, image_processor="./llamavid/processor/clip-patch14-336")
     model = load_llamavid(ckpt)
     assert (model.processor.size, model.processor.crop_size) == (336, 336)
-    assert model.vision.pos_embed.shape[1] == 1 + 24 * 24  # 56 px tower interpolated to the 336 grid
+    assert model.vision.embeddings.position_embedding.shape[1] == 1 + 24 * 24  # 56 px tower interpolated to the 336 grid
 
 
 # -- missing files ---------------------------------------------------------------------------------
@@ -282,10 +283,7 @@ def test_nothing_left_on_meta(tiny_model) -> None:
 # -- the generator's presets ----------------------------------------------------------------------
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_preset_round_trip(preset: str, tmp_path: Path) -> None:
-    from server.cli import main as cli_main
-
-    out = tmp_path / preset
-    assert cli_main(["make-tiny", str(out), "--preset", preset, "--format", "safetensors", "--shards", "2"]) == 0
+    out = make_tiny(tmp_path / preset, preset, fmt="safetensors", num_shards=2)
     model = load_llamavid(out)
     size = model.processor.crop_size
     frames = np.random.default_rng(0).integers(0, 256, (2, size + 10, size + 30, 3), dtype=np.uint8)

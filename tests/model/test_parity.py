@@ -1,8 +1,10 @@
-"""Parity against the reference outputs in ``../shared/parity/<case>`` (next to the repository).
+"""Parity against the official code's outputs: the vendored cases, plus any in ``../shared/parity``.
 
-Every folder there with a ``case.json`` is a case: a checkpoint, the reference's inputs
+Every folder with a ``case.json`` is a case: a checkpoint, the reference's inputs
 (``frames_uint8``) and every intermediate tensor the official code produced. ``run_case``
 recomputes them all from the inputs and compares at 1e-4 relative error plus identical greedy ids.
+``tests/model/parity_cases`` holds the two published cases, so a clean clone (CI included) always
+runs them; further cases in the same format next to the repository are run too.
 """
 
 from __future__ import annotations
@@ -14,15 +16,25 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.parity import TOLERANCE, run_case
+from model.tools.parity import TOLERANCE, run_case
 from server.cli import main as cli_main
 
-PARITY_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "parity"
-CASES = sorted(p for p in PARITY_DIR.glob("*") if (p / "case.json").is_file()) if PARITY_DIR.is_dir() else []
-NO_CASES = f"no parity cases: {PARITY_DIR} is missing or holds no <case>/case.json"
+VENDORED_DIR = Path(__file__).resolve().parent / "parity_cases"
+SHARED_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "parity"
 
 
-@pytest.mark.skipif(not CASES, reason=NO_CASES)
+def _cases(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(folder.glob("*")) if (p / "case.json").is_file()} if folder.is_dir() else {}
+
+
+# A shared case of the same name as a vendored one is the same case: the vendored copy runs.
+CASES = sorted({**_cases(SHARED_DIR), **_cases(VENDORED_DIR)}.values(), key=lambda p: p.name)
+
+
+def test_the_published_cases_are_vendored() -> None:
+    assert {"video", "image"} <= set(_cases(VENDORED_DIR)), f"{VENDORED_DIR} lost a parity case"
+
+
 @pytest.mark.parametrize("case_dir", CASES, ids=[p.name for p in CASES])
 def test_parity_case(case_dir: Path) -> None:
     report = run_case(case_dir)
@@ -49,7 +61,6 @@ def _perturbed_case(case_dir: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.skipif(not CASES, reason=NO_CASES)
 def test_cli_parity_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     case_dir = CASES[0]
     assert cli_main(["parity", "--case", str(case_dir)]) == 0

@@ -14,7 +14,6 @@ import av
 import numpy as np
 import pytest
 
-from model.pipeline import encode_video, plan_video
 from model.video import FrameSampling, VideoDecodeError, VideoFile, VideoInfo, load_video, sample_indices
 
 BITS, BAR = 7, 8
@@ -173,14 +172,3 @@ def test_undecodable_inputs(videos, tmp_path: Path, kind: str) -> None:
     source = _bad_inputs(videos, tmp_path)[kind]
     with pytest.raises(VideoDecodeError):
         load_video(source, FrameSampling(fps=1.0))
-
-
-def test_encode_video_pipeline(tiny_model, videos) -> None:
-    video, indices = plan_video(videos["ntsc"].read_bytes(), FrameSampling(fps=1.0))
-    progress = []
-    encoded = encode_video(tiny_model, video, indices, chunk=2, progress=lambda d, t: progress.append((d, t)))
-    assert encoded.frame_indices == [0, 30, 60] and progress == [(2, 3), (3, 3)]
-    assert encoded.features.shape == (3, 17, tiny_model.vision.width)
-    frames, _ = load_video(videos["ntsc"], FrameSampling(fps=1.0))
-    expected = tiny_model.encode_frames(tiny_model.preprocess(frames))
-    np.testing.assert_allclose(encoded.features.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)

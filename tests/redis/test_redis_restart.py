@@ -49,9 +49,7 @@ def test_service_survives_a_redis_restart(on_private_redis: Deployment, private_
     assert d.redis.exists(events)
 
     private_redis.stop()
-    stopped = time.monotonic()
     wait_for(lambda: ready_status(d) == 503, 5, "/ready to report 503 without Redis", interval=0.1)
-    assert time.monotonic() - stopped < 5
     body = httpx.get(d.url + "/ready", timeout=5).json()
     assert body["status"] == "not_ready" and body["cache"] is False
     time.sleep(1.0)  # the worker notices too (its reads and heartbeats fail) and keeps retrying

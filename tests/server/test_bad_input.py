@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,14 +89,16 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple], int, tuple[str, ...], str | None]
     "no-file-part": (lambda c: ("POST", VIDEOS, {"files": {"video": ("a.mp4", c.video, "video/mp4")}}),
                      400, ("'file'",), "missing_file"),
     # -- URLs
-    "private-url-videos": (post(VIDEOS, {"url": "http://10.0.0.1/v.mp4"}), 403,
-                           ("10.0.0.1", "private"), "forbidden_address"),
-    "private-url-ask": (post(ASK, {"question": "q", "video_url": "http://10.0.0.1/v.mp4"}), 403,
-                        ("video_url", "private"), "forbidden_address"),
-    "private-url-chat": (post(CHAT, video_chat("http://10.0.0.1/v.mp4")), 403, ("10.0.0.1",),
+    # Live requests only ever name loopback targets: 127.0.0.1 is allow-listed, 127.0.0.2 is not.
+    # Private, link-local and public literals are covered by the address check's unit tests.
+    "refused-url-videos": (post(VIDEOS, {"url": "http://127.0.0.2/v.mp4"}), 403,
+                           ("127.0.0.2", "loopback"), "forbidden_address"),
+    "refused-url-ask": (post(ASK, {"question": "q", "video_url": "http://127.0.0.2/v.mp4"}), 403,
+                        ("video_url", "loopback"), "forbidden_address"),
+    "refused-url-chat": (post(CHAT, video_chat("http://127.0.0.2/v.mp4")), 403, ("127.0.0.2",),
                          "forbidden_address"),
-    "link-local-url": (post(VIDEOS, {"url": "http://169.254.169.254/latest/meta-data"}), 403,
-                       ("link-local",), "forbidden_address"),
+    "mapped-ipv6-url": (post(VIDEOS, {"url": "http://[::ffff:127.0.0.2]/v.mp4"}), 403,
+                        ("127.0.0.2",), "forbidden_address"),
     "ipv6-loopback-url": (post(VIDEOS, {"url": "http://[::1]/v.mp4"}), 403, ("loopback",),
                           "forbidden_address"),
     "numeric-host-url": (post(VIDEOS, {"url": "http://2130706433/v.mp4"}), 400, ("non-canonical",),
@@ -170,6 +171,16 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple], int, tuple[str, ...], str | None]
     "too-many-stops": (post(CHAT, chat(stop=["a", "b", "c", "d", "e"])), 400, ("stop",), INVALID),
     "n-two": (post(CHAT, chat(n=2)), 400, ("n",), INVALID),
     "logprobs": (post(CHAT, chat(logprobs=True)), 400, ("logprobs",), INVALID),
+    # -- text that no tokenizer can encode (a lone UTF-16 surrogate, legal in JSON)
+    "surrogate-chat": (raw(CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "application/json"),
+                       400, ("messages.0.content", "unpaired", "d800"), INVALID),
+    "surrogate-chat-part": (raw(CHAT, b'{"messages": [{"role": "user", "content": [{"type": "text", '
+                                      b'"text": "\\udfff"}]}]}', "application/json"),
+                            400, ("text", "unpaired", "dfff"), INVALID),
+    "surrogate-ask": (raw(ASK, b'{"question": "why \\ud83d?"}', "application/json"), 400,
+                      ("question", "unpaired"), INVALID),
+    "surrogate-stop": (raw(CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\ud800"]}',
+                           "application/json"), 400, ("stop", "unpaired"), INVALID),
     # -- conversations
     "over-long-question": (post(ASK, {"question": "why " * 5000}), 400, ("20000 characters", "limit"),
                            "question_too_long"),
@@ -218,13 +229,16 @@ def test_bad_input_gets_a_clear_4xx(name: str, http: httpx.Client, ctx: Ctx) -> 
     assert_api_error(response, status, *words, code=code)
 
 
-def test_private_addresses_are_refused_before_connecting(http: httpx.Client, media_host) -> None:
-    started = time.monotonic()
-    for url in ("http://10.0.0.1/v.mp4", "http://192.168.1.1:8080/v.mp4", "http://[fd00::1]/v.mp4",
-                "http://100.64.0.1/v.mp4", "http://[::ffff:10.0.0.1]/v.mp4"):
+def test_refused_addresses_are_never_connected_to(http: httpx.Client, media_host) -> None:
+    """Loopback addresses outside the allow-list, in several spellings, pointing at a listener that
+    counts connections: every one is refused before any connection is made."""
+    before = media_host.trap.connections
+    port = media_host.trap_url.rsplit(":", 1)[1]
+    for url in (f"http://127.0.0.2:{port}/v.mp4", f"http://[::ffff:127.0.0.2]:{port}/v.mp4",
+                f"http://[::ffff:7f00:2]:{port}/v.mp4"):
         response = http.post("/v1/videos", json={"url": url})
         assert_api_error(response, 403, "refusing", code="forbidden_address")
-    assert time.monotonic() - started < 2  # no connection attempt (nothing to time out on)
+    assert media_host.trap.connections == before
 
 
 def test_redirect_to_a_non_allowed_address_is_refused(http: httpx.Client, media_host) -> None:
@@ -242,13 +256,12 @@ def test_redirect_to_a_non_allowed_address_is_refused(http: httpx.Client, media_
 def test_declared_huge_body_is_refused_without_reading_it(server) -> None:
     """Content-Length of 1 TB: 413 at once, while the client has sent only the headers."""
     host, port = server.url.removeprefix("http://").split(":")
-    started = time.monotonic()
+    # A server that waited for the body would leave this read to time out.
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: test\r\n"
                      b"Content-Type: multipart/form-data; boundary=b\r\n"
                      b"Content-Length: 1000000000000\r\n\r\n--b\r\n")
         response = _read_http_response(sock)
-    assert time.monotonic() - started < 5
     status, headers, body = response
     assert status == 413 and headers["content-type"] == "application/json"
     assert_api_error(httpx.Response(status, headers=headers, content=body), 413, "1000000000000", "limit",

@@ -1,0 +1,80 @@
+"""``create_app``: the FastAPI application, wired to an engine by its lifespan.
+
+The engine is built in the background after the server starts listening, so ``/health``
+answers while a large model loads and ``/ready`` turns 200 only once the engine is ready. Which
+engine is the caller's choice (``server.launch``): the in-process worker for ``llamavid serve``,
+the Redis client for ``llamavid api``; this module knows neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from ..engine.protocol import EngineClient
+from ..metrics import LlamaVidMetrics
+from ..settings import Settings
+from .deps import require_api_key
+from .errors import install_error_handlers
+from .ingest import MediaIngest
+from .middleware import BodyLimit, HTTPMetrics
+from .routes import chat, health, videos
+from .thumbnails import ThumbnailCache
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings, LlamaVidMetrics], Awaitable[EngineClient]]
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
+    metrics = LlamaVidMetrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.engine = None
+        app.state.startup_error = None
+
+        async def build() -> None:
+            try:
+                engine = await engine_factory(settings, metrics)
+            except Exception as exc:  # keep serving /health; /ready reports the failure
+                log.exception("could not start the engine")
+                app.state.startup_error = f"{type(exc).__name__}: {exc}"
+                return
+            app.state.ingest = MediaIngest(settings, engine, metrics)
+            app.state.engine = engine
+
+        task = asyncio.ensure_future(build())
+        try:
+            yield
+        finally:
+            task.cancel()
+            if app.state.engine is not None:
+                await app.state.engine.close()
+
+    app = FastAPI(title="LLaMA-VID", version="0.1.0", lifespan=lifespan,
+                  description="Ask questions about long videos: two tokens per frame, cached features, streamed answers.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.thumbnails = ThumbnailCache()
+    install_error_handlers(app)
+    api = [Depends(require_api_key)]
+    app.include_router(health.router)
+    app.include_router(chat.router, dependencies=api)
+    app.include_router(videos.router, dependencies=api)
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="page")
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, max_bytes=max(settings.max_video_bytes, settings.max_image_bytes * 2) + (1 << 20))
+    app.add_middleware(HTTPMetrics, metrics=metrics)
+    return app

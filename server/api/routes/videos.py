@@ -1,0 +1,177 @@
+"""``/v1/videos`` (upload or URL, status, delete) and ``/v1/ask``, the plain REST question.
+
+A video is registered at once (202 with its id) and extracted in the background; its status
+reports frames done / total. A question about a video that is still extracting waits for it,
+streaming progress events meanwhile.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from ...engine.jobs import VideoRecord
+from ..deps import Engine, Ingest, ServerSettings, require_card
+from ..errors import APIError
+from ..ingest import VIDEO_ID
+from ..protocol import AskRequest, FrameOptions, VideoFromURL, VideoObject, usage
+from ..serving import Conversation, build_job, check_context, collect, normalise_turns, start
+from ..sse import ask_events
+
+router = APIRouter()
+
+
+def video_object(record: VideoRecord) -> dict:
+    total = record.frames_total or 0
+    progress = 1.0 if record.status == "ready" else (record.frames_done / total if total else 0.0)
+    return VideoObject(
+        id=record.id, status=record.status, frames_done=record.frames_done, frames_total=record.frames_total,
+        progress=round(progress, 4), duration=record.duration, fps=record.fps, source_fps=record.source_fps,
+        width=record.width, height=record.height, bytes=record.bytes, filename=record.filename,
+        timestamps=record.timestamps,
+        error={"code": record.error_code or "failed", "message": record.error} if record.error else None,
+        created_at=int(record.created_at),
+    ).model_dump()
+
+
+@router.post("/v1/videos", status_code=202)
+async def create_video(request: Request, ingest: Ingest):
+    """Multipart upload (``file`` + optional ``fps``, ``max_frames``, ``start_time``, ``end_time``)
+    or JSON ``{"url": ..., "fps": ...}``."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=8)
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise APIError(400, "multipart upload needs a 'file' part with the video", code="missing_file",
+                               param="file")
+            options = _form_options(form)
+            fetched = await ingest.upload(upload, "video")
+            record = await ingest.video(fetched.data, ingest.sampling(options), upload.filename)
+        finally:
+            await form.close()
+    elif content_type.startswith("application/json"):
+        try:
+            body = VideoFromURL.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise APIError(400, _pydantic_message(exc), code="invalid_request") from exc
+        record = await ingest.video_from_url(body.url, body, field="url")
+    else:
+        raise APIError(415, "send the video as multipart/form-data ('file') or JSON {\"url\": ...}",
+                       code="unsupported_content_type")
+    return JSONResponse(video_object(record), status_code=202)
+
+
+@router.get("/v1/videos/{video_id}")
+async def get_video(video_id: str, engine: Engine):
+    return video_object(await _record(engine, video_id))
+
+
+async def _record(engine, video_id: str) -> VideoRecord:
+    record = await engine.registry.get(video_id) if VIDEO_ID.match(video_id) else None
+    if record is None:
+        raise APIError(404, f"no video with id {video_id!r}", code="video_not_found")
+    return record
+
+
+@router.get("/v1/videos/{video_id}/content")
+async def video_content(video_id: str, request: Request, engine: Engine):
+    """The video's bytes, with HTTP range support so a <video> element can seek."""
+    record = await _record(engine, video_id)
+    data = await engine.media.get(record.digest)
+    if data is None:
+        raise APIError(410, "the video's bytes are no longer stored", code="media_gone")
+    return ranged_response(data, record.content_type or "application/octet-stream", request.headers.get("range"))
+
+
+@router.get("/v1/videos/{video_id}/frames/{index}.jpg")
+async def video_frame(video_id: str, index: int, request: Request, engine: Engine):
+    """A thumbnail of the index-th sampled frame."""
+    record = await _record(engine, video_id)
+    times = record.timestamps or []
+    if not 0 <= index < len(times):
+        raise APIError(404, f"video {video_id} has {len(times)} sampled frames; no frame {index}", code="frame_not_found")
+    thumbs = await request.app.state.thumbnails.get(
+        f"{record.digest}:{record.id}", lambda: engine.media.get(record.digest), times)
+    if thumbs is None or index >= len(thumbs):
+        raise APIError(410, "the video's bytes are no longer stored", code="media_gone")
+    return Response(thumbs[index], media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+
+def ranged_response(data: bytes, media_type: str, range_header: str | None) -> Response:
+    size = len(data)
+    headers = {"Accept-Ranges": "bytes"}
+    if range_header and range_header.startswith("bytes="):
+        first, _, last = range_header[6:].split(",")[0].strip().partition("-")
+        try:
+            start = int(first) if first else max(0, size - int(last))
+            end = min(int(last), size - 1) if (first and last) else size - 1
+        except ValueError:
+            start, end = 0, -1
+        if 0 <= start <= end < size:
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            return Response(data[start : end + 1], status_code=206, media_type=media_type, headers=headers)
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    return Response(data, media_type=media_type, headers=headers)
+
+
+@router.delete("/v1/videos/{video_id}")
+async def delete_video(video_id: str, engine: Engine):
+    """Forget the video: its record(s), its stored bytes and its cached features."""
+    record = await _record(engine, video_id)
+    for sibling in await engine.registry.by_digest(record.digest):
+        await engine.registry.delete(sibling.id)
+    await engine.media.delete(record.digest)
+    await engine.forget_features(record.digest)
+    return {"id": video_id, "object": "video", "deleted": True}
+
+
+@router.post("/v1/ask")
+async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest, settings: ServerSettings):
+    card = await require_card(engine)
+    turns = [(t.role, t.content) for t in req.history] + [("user", req.question)]
+    conversation = Conversation(normalise_turns(turns, settings))
+    if req.video_url or req.video_id:
+        record = (await ingest.video_by_id(req.video_id, req) if req.video_id
+                  else await ingest.video_from_url(req.video_url, req, field="video_url"))
+        conversation.media, conversation.video_id = record.ref(), record.id
+        conversation.frames = record.frames_total or 0
+    elif req.image_url:
+        conversation.media = await ingest.image_from_url(req.image_url, field="image_url")
+        conversation.frames = 1
+    check_context(conversation, card)
+    job = build_job(conversation, req, settings, max_tokens=req.max_tokens, template=req.template)
+    events, stream = await start(engine, job, request)
+    if req.stream:
+        return EventSourceResponse(ask_events(events, stream, conversation.video_id), ping=15)
+    result = await collect(events, stream, request)
+    done = result.done
+    return {
+        "id": job.request_id, "object": "answer", "model": card.id, "answer": result.text,
+        "finish_reason": done.finish_reason if done else None, "video_id": conversation.video_id,
+        "usage": usage(done.prompt_tokens, done.completion_tokens, done.visual_tokens) if done else usage(0, 0, 0),
+        "relevance": result.relevance.model_dump(exclude={"type"}) if result.relevance else None,
+    }
+
+
+def _form_options(form) -> FrameOptions:
+    values = {}
+    for key in ("fps", "max_frames", "start_time", "end_time"):
+        value = form.get(key)
+        if value not in (None, ""):
+            values[key] = value
+    try:
+        return FrameOptions.model_validate(values)
+    except ValidationError as exc:
+        raise APIError(400, _pydantic_message(exc), code="invalid_request") from exc
+
+
+def _pydantic_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        parts.append(f"{where}: {'unknown field' if err['type'] == 'extra_forbidden' else err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,178 @@
+"""From an API request to a ``QuestionJob``, and from its events back to a response.
+
+Shared by ``/v1/chat/completions`` and ``/v1/ask``: ``build_job`` is the only place request
+fields become generation parameters, and ``start`` decides whether a failure can still be an
+HTTP status (the first event) or must travel inside the stream. A non-streaming answer is
+collected while listening for the ASGI ``http.disconnect`` message, so a client that hangs up
+cancels its generation before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from model.conversation import get_template
+
+from ..engine.events import AnyEvent, DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
+from ..engine.jobs import MediaRef, QuestionJob, SamplingParams, Turn, new_id
+from ..engine.protocol import EngineClient, EventStream, ModelCard
+from ..settings import Settings
+from .errors import APIError, from_error_event
+from .protocol import SamplingOptions
+
+
+@dataclass
+class Conversation:
+    messages: list[Turn]  # alternating user/assistant, ending with user
+    system: str | None = None
+    media: MediaRef | None = None
+    video_id: str | None = None
+    frames: int = 0  # visual inputs the question will carry: sampled frames, 1 for an image
+
+
+def normalise_turns(turns: list[tuple[str, str]], settings: Settings) -> list[Turn]:
+    """Merge consecutive same-role turns and check what the templates need."""
+    merged: list[dict[str, str]] = []
+    for role, text in turns:
+        if merged and merged[-1]["role"] == role:
+            merged[-1]["content"] += "\n" + text
+        else:
+            merged.append({"role": role, "content": text})
+    if not merged or merged[-1]["role"] != "user":
+        raise APIError(400, "the last message must come from the user", code="invalid_messages", param="messages")
+    if merged[0]["role"] != "user":
+        raise APIError(400, "the conversation must start with a user message (after any system message)",
+                       code="invalid_messages", param="messages")
+    if len(merged) > settings.max_messages:
+        raise APIError(400, f"at most {settings.max_messages} messages per conversation", code="too_many_messages",
+                       param="messages")
+    if not merged[-1]["content"].strip():
+        raise APIError(400, "the question is empty", code="empty_question", param="messages")
+    total = sum(len(m["content"]) for m in merged)
+    if total > settings.max_question_chars:
+        raise APIError(400, f"the conversation has {total} characters; the limit is {settings.max_question_chars}",
+                       code="question_too_long", param="messages")
+    return [Turn.model_validate(m) for m in merged]
+
+
+def check_context(conversation: Conversation, card: ModelCard) -> None:
+    """Refuse up front a video whose visual tokens alone cannot fit the model's context."""
+    visual = conversation.frames * card.tokens_per_frame
+    text = sum(len(m.content) for m in conversation.messages) // 4
+    if visual + text >= card.context_length:
+        raise APIError(400, f"{conversation.frames} frames x {card.tokens_per_frame} tokens = {visual} visual tokens "
+                            f"do not fit the model's context of {card.context_length} tokens; lower fps or max_frames",
+                       code="context_length_exceeded")
+
+
+def build_job(conversation: Conversation, options: SamplingOptions, settings: Settings, *,
+              max_tokens: int | None, template: str | None) -> QuestionJob:
+    max_tokens = max_tokens or settings.default_max_tokens
+    if template is not None:
+        try:
+            get_template(template)
+        except ValueError as exc:
+            raise APIError(400, str(exc), code="invalid_template", param="template") from None
+    if max_tokens > settings.max_tokens_limit:
+        raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}",
+                       code="invalid_max_tokens", param="max_tokens")
+    now = time.time()
+    return QuestionJob(
+        request_id=new_id("req"),
+        messages=conversation.messages,
+        media=conversation.media,
+        sampling=SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
+                                max_tokens=max_tokens, stop=options.stop_list(), seed=options.seed),
+        template=template,
+        system=conversation.system,
+        relevance=options.relevance,
+        arrival_time=now,
+        deadline=now + settings.request_timeout,
+    )
+
+
+async def start(engine: EngineClient, job: QuestionJob,
+                request: Request) -> tuple[AsyncIterator[AnyEvent], EventStream]:
+    """Admit the job and read its first event, so that an immediate failure is still an HTTP status.
+
+    The first event can take long (an extraction to wait for, a long prefill, text held back by
+    the detokenizer), so the client's disconnect is watched from here on too.
+    """
+    stream = await engine.ask(job)
+    events = stream.__aiter__()
+    reading = asyncio.ensure_future(anext(events, None))
+    leaving = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({reading, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if not reading.done():
+            raise APIError(499, "the client closed the connection", code="client_closed")
+        first = reading.result()
+    except BaseException:
+        stream.cancel()
+        raise
+    finally:
+        reading.cancel()
+        leaving.cancel()
+    if isinstance(first, ErrorEvent):
+        stream.cancel()
+        raise from_error_event(first)
+    return _chain(first, events), stream
+
+
+async def _chain(first: AnyEvent | None, rest: AsyncIterator[AnyEvent]) -> AsyncIterator[AnyEvent]:
+    if first is not None:
+        yield first
+    async for event in rest:
+        yield event
+
+
+@dataclass
+class Collected:
+    text: str = ""
+    done: DoneEvent | None = None
+    relevance: RelevanceEvent | None = None
+    progress: list[ProgressEvent] = field(default_factory=list)
+
+
+async def _collect(events: AsyncIterator[AnyEvent]) -> Collected:
+    out, parts = Collected(), []
+    async for event in events:
+        match event:
+            case DeltaEvent(text=text):
+                parts.append(text)
+            case RelevanceEvent():
+                out.relevance = event
+            case ProgressEvent():
+                out.progress.append(event)
+            case DoneEvent():
+                out.done = event
+            case ErrorEvent():
+                raise from_error_event(event)
+    out.text = "".join(parts)
+    return out
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the ASGI server reports that the client closed the connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(events: AsyncIterator[AnyEvent], stream: EventStream, request: Request) -> Collected:
+    """A whole non-streaming answer; the client's disconnect cancels the stream at once."""
+    collecting = asyncio.ensure_future(_collect(events))
+    leaving = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if collecting.done():
+            return collecting.result()
+        raise APIError(499, "the client closed the connection", code="client_closed")
+    finally:
+        stream.cancel()
+        collecting.cancel()
+        leaving.cancel()

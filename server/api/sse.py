@@ -1,0 +1,84 @@
+"""The two SSE encodings of a question's events.
+
+* ``chat_chunks``: OpenAI ``chat.completion.chunk`` data lines (the first delta carries the role,
+  the last chunk the finish reason, an optional usage chunk, then ``[DONE]``). Progress and
+  relevance travel as chunks with empty ``choices`` and a ``llamavid`` field, which OpenAI
+  clients pass through.
+* ``ask_events``: named events ``progress``, ``relevance``, ``delta``, ``done``, ``error``.
+
+Both cancel the stream when the client goes away (sse-starlette closes the generator).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..engine.events import AnyEvent, DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
+from ..engine.protocol import EventStream
+from .errors import error_body
+from .protocol import usage
+
+
+def _json(body: Any) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def done_usage(done: DoneEvent) -> dict:
+    return usage(done.prompt_tokens, done.completion_tokens, done.visual_tokens)
+
+
+def _error(event: ErrorEvent) -> dict:
+    return error_body(event.status, event.message, event.code)
+
+
+async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, completion_id: str, created: int,
+                      model: str, include_usage: bool, extension: dict) -> AsyncIterator[dict]:
+    def chunk(choices: list, **extra: Any) -> dict:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": choices, **extra}
+        return {"data": _json(body)}
+
+    def delta(content: dict, finish_reason: str | None = None) -> list:
+        return [{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}]
+
+    role = chunk(delta({"role": "assistant", "content": ""}))
+    try:
+        async for event in events:
+            match event:
+                case ProgressEvent() | RelevanceEvent():
+                    yield chunk([], llamavid={"type": event.type, **extension, **event.model_dump(exclude={"type"})})
+                case DeltaEvent(text=text):
+                    if role is not None:
+                        yield role
+                        role = None
+                    if text:
+                        yield chunk(delta({"content": text}))
+                case DoneEvent():
+                    if role is not None:
+                        yield role
+                        role = None
+                    yield chunk(delta({}, event.finish_reason))
+                    if include_usage:
+                        yield chunk([], usage=done_usage(event))
+                case ErrorEvent():
+                    yield {"data": _json(_error(event))}
+        yield {"data": "[DONE]"}
+    finally:
+        stream.cancel()
+
+
+async def ask_events(events: AsyncIterator[AnyEvent], stream: EventStream, video_id: str | None) -> AsyncIterator[dict]:
+    try:
+        async for event in events:
+            match event:
+                case DoneEvent():
+                    data = {"finish_reason": event.finish_reason, "video_id": video_id, "usage": done_usage(event)}
+                case ErrorEvent():
+                    data = _error(event)
+                case ProgressEvent() | RelevanceEvent() | DeltaEvent():
+                    data = event.model_dump(exclude={"type"})
+            yield {"event": event.type, "data": _json(data)}
+    finally:
+        stream.cancel()

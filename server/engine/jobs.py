@@ -1,0 +1,115 @@
+"""Versioned messages from the API to the GPU worker, and the video records both read.
+
+Pydantic models with a JSON round trip, because in a split deployment these cross process
+boundaries through Redis; the embedded engine passes the same objects in memory. Unknown fields
+from a newer peer are ignored; ``version`` says which layout a job was written in, and a worker
+refuses a job of another version with a clear error rather than misreading it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JOB_VERSION = 2
+
+MediaKind = Literal["video", "image"]
+VideoStatus = Literal["queued", "extracting", "ready", "failed"]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Sampling(_Message):
+    """How a video is turned into frames. Its ``model_dump()`` is part of the feature cache's key."""
+
+    fps: float = 1.0
+    max_frames: int | None = None
+    start: float = 0.0
+    end: float | None = None
+
+
+class MediaRef(_Message):
+    """A video or image the worker can find: its content digest (the media store's key) and, for a
+    video, the record that reports its extraction and the sampling that names its features."""
+
+    kind: MediaKind
+    digest: str
+    video_id: str | None = None
+    sampling: Sampling | None = None
+
+
+class SamplingParams(_Message):
+    """The request's generation options; ``None`` leaves a field to the checkpoint's defaults."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int = 512
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class Turn(_Message):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class QuestionJob(_Message):
+    request_id: str
+    messages: list[Turn]  # alternating, starting and ending with the user
+    media: MediaRef | None = None
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    template: str | None = None
+    system: str | None = None
+    relevance: bool = False
+    arrival_time: float = Field(default_factory=time.time)
+    deadline: float  # unix time after which the worker gives up
+    version: int = JOB_VERSION
+
+
+class VideoJob(_Message):
+    video_id: str
+    digest: str
+    sampling: Sampling
+    arrival_time: float = Field(default_factory=time.time)
+    version: int = JOB_VERSION
+
+
+class VideoRecord(_Message):
+    """What ``GET /v1/videos/{id}`` reports; updated by whoever extracts the video."""
+
+    id: str
+    digest: str
+    sampling: Sampling
+    status: VideoStatus = "queued"
+    frames_done: int = 0
+    frames_total: int | None = None
+    duration: float | None = None
+    source_fps: float | None = None
+    fps: float | None = None  # sampling rate actually used
+    width: int | None = None
+    height: int | None = None
+    bytes: int = 0
+    filename: str | None = None
+    content_type: str | None = None
+    timestamps: list[float] | None = None  # seconds of each sampled frame, in order
+    error: str | None = None
+    error_code: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("ready", "failed")
+
+    def ref(self) -> MediaRef:
+        return MediaRef(kind="video", digest=self.digest, video_id=self.id, sampling=self.sampling)

@@ -1,0 +1,1 @@
+"""The split deployment on Redis: the API's engine client, the job streams, the shared storage."""

@@ -1,0 +1,163 @@
+"""The API side of a split deployment: jobs go to GPU workers through Redis.
+
+``ask`` queues the question and relays the worker's events. If the worker dies mid-answer,
+another worker reclaims the job and replays it from the start with the same seed; events carry
+an attempt number, and the relay forwards only the text beyond what the client already has,
+checking that the replay agrees with it, so the client sees one complete answer, or a clear
+error if the replay diverged, and never a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from redis.asyncio import Redis
+
+from cache.purge import delete_video_keys
+
+from ...metrics import LlamaVidMetrics
+from ...settings import Settings
+from ..events import DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
+from ..jobs import QuestionJob, VideoJob
+from ..protocol import EngineUnavailable, EventStream, ModelCard, QueueFull
+from .outage import redis_backend
+from .queue import QUESTIONS, VIDEOS, RedisJobQueue
+from .storage import RedisMediaStore, RedisVideoRegistry
+
+log = logging.getLogger(__name__)
+
+CARD_CACHE_SECONDS = 2.0
+
+
+@redis_backend
+class RedisEngine:
+    def __init__(self, redis: Redis, settings: Settings, metrics: LlamaVidMetrics) -> None:
+        ns = settings.redis_namespace
+        self.redis = redis
+        self.settings = settings
+        self.metrics = metrics
+        self.queue = RedisJobQueue(redis, ns, event_ttl=int(settings.request_timeout) + 600)
+        self.registry = RedisVideoRegistry(redis, ns, settings.cache_ttl_seconds)
+        self.media = RedisMediaStore(redis, ns, settings.cache_ttl_seconds)
+        self._cards: tuple[float, list[dict]] = (0.0, [])
+        self._last_card: ModelCard | None = None
+
+    async def _workers(self) -> list[dict]:
+        stamp, cards = self._cards
+        if time.monotonic() - stamp < CARD_CACHE_SECONDS:
+            return cards
+        cards = await self.queue.live_workers()
+        self._cards = (time.monotonic(), cards)
+        return cards
+
+    async def model_card(self) -> ModelCard | None:
+        cards = await self._workers()
+        if not cards:
+            # Every worker is gone: keep describing the model they served, so that a question
+            # reaches ask() and gets its 503 no_worker (with Retry-After) rather than "not ready".
+            return self._last_card
+        card = cards[0]
+        self._last_card = ModelCard(**{k: card[k] for k in ModelCard.__dataclass_fields__})
+        return self._last_card
+
+    async def ready(self) -> dict[str, bool]:
+        try:
+            cache = bool(await self.redis.ping())
+        except Exception:
+            return {"model": False, "cache": False}
+        self._cards = (0.0, [])
+        return {"model": bool(await self._workers()), "cache": cache}
+
+    async def extract(self, job: VideoJob) -> None:
+        if await self.queue.enqueue_bounded(VIDEOS, job.model_dump_json(), self.settings.video_queue_size) is None:
+            raise QueueFull("videos", retry_after=10)
+        self.metrics.set_queue_depth("videos", await self.queue.depth(VIDEOS))
+
+    async def ask(self, job: QuestionJob) -> EventStream:
+        workers = await self._workers()
+        if not workers:
+            raise EngineUnavailable("no GPU worker is running", code="no_worker")
+        limit = self.settings.queue_size + self.settings.max_running * len(workers)
+        if job.sampling.seed is None:
+            # A reclaimed job is replayed from the start; with the same seed it samples the same text.
+            job.sampling.seed = random.randrange(1 << 31)
+        admitted = await self.queue.enqueue_bounded(QUESTIONS, job.model_dump_json(), limit)
+        self.metrics.set_queue_depth("questions", await self.queue.depth(QUESTIONS))
+        if admitted is None:
+            raise QueueFull("questions", retry_after=2)
+        stream = EventStream(on_cancel=lambda: _stop_relay(stream))
+        stream.task = asyncio.ensure_future(self._relay(job, stream))
+        return stream
+
+    async def _relay(self, job: QuestionJob, stream: EventStream) -> None:
+        last, attempt, sent, replay = "0-0", 0, "", ""
+        relevance_sent, finished = False, False
+        deadline = job.deadline + 30
+        try:
+            while not stream.cancelled and not finished:
+                if time.time() > deadline:
+                    stream.put(ErrorEvent(status=504, code="timeout", message="no worker finished the request in time"))
+                    break
+                try:
+                    batch = await self.queue.read_events(job.request_id, last, block_ms=250)
+                except Exception as exc:  # Redis went away mid-answer
+                    log.warning("lost the event stream of %s: %s", job.request_id, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for entry_id, event_attempt, event in batch:
+                    last = entry_id
+                    if event_attempt < attempt:
+                        continue  # a worker that was presumed dead; its replacement owns the request
+                    if event_attempt > attempt:
+                        attempt, replay = event_attempt, ""
+                    match event:
+                        case DeltaEvent(text=text):
+                            replay += text
+                            common = min(len(replay), len(sent))
+                            if replay[:common] != sent[:common]:
+                                stream.put(ErrorEvent(status=502, code="worker_failed", message=(
+                                    "the worker answering this request failed and its retry produced a "
+                                    "different answer")))
+                                finished = True
+                            elif len(replay) > len(sent):
+                                stream.put(DeltaEvent(text=replay[len(sent):]))
+                                sent = replay
+                        case RelevanceEvent():
+                            if not relevance_sent:
+                                relevance_sent = True
+                                stream.put(event)
+                        case ProgressEvent():
+                            stream.put(event)
+                        case DoneEvent() | ErrorEvent():
+                            stream.put(event)
+                            finished = True
+                    if finished:
+                        break
+        finally:
+            if not finished:
+                try:
+                    await self.queue.cancel(job.request_id)
+                except Exception:
+                    pass
+            stream.close()
+
+    async def forget_features(self, digest: str) -> None:
+        await delete_video_keys(self.redis, self.settings.redis_namespace, digest)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+def _stop_relay(stream: EventStream) -> None:
+    """The client is gone: stop relaying now (the relay's ``finally`` flags the job for its worker)
+    rather than when the relay's blocking read next returns."""
+    if stream.task is not None and not stream.task.done():
+        stream.task.cancel()
+
+
+async def redis_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> RedisEngine:
+    redis = Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=10)
+    return RedisEngine(redis, settings, metrics)

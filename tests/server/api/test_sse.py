@@ -1,0 +1,43 @@
+"""The two SSE encoders handle every event type, and cancel the stream when the client leaves."""
+
+from __future__ import annotations
+
+import json
+
+from server.api.sse import ask_events, chat_chunks
+from server.engine.protocol import EventStream
+from tests.server.engine.test_events import EVENTS
+
+
+async def _drain(gen) -> list[dict]:
+    return [item async for item in gen]
+
+
+async def _events():
+    for event in EVENTS:
+        yield event
+
+
+async def test_chat_chunks_cover_every_event() -> None:
+    stream = EventStream()
+    out = await _drain(chat_chunks(_events(), stream, completion_id="chatcmpl-1", created=0, model="m",
+                                   include_usage=True, extension={"video_id": "vid-1"}))
+    bodies = [item["data"] for item in out]
+    assert bodies[-1] == "[DONE]" and stream.cancelled
+    chunks = [json.loads(b) for b in bodies[:-1]]
+    kinds = [c.get("llamavid", {}).get("type") for c in chunks]
+    assert kinds[:2] == ["progress", "relevance"] and chunks[0]["llamavid"]["video_id"] == "vid-1"
+    assert chunks[2]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[3]["choices"][0]["delta"] == {"content": "héllo 🦙"}
+    assert chunks[4]["choices"][0]["finish_reason"] == "length"
+    assert chunks[5]["usage"]["prompt_tokens_details"] == {"visual_tokens": 6}
+    assert chunks[6]["error"]["code"] == "out_of_memory"
+
+
+async def test_ask_events_cover_every_event() -> None:
+    stream = EventStream()
+    out = await _drain(ask_events(_events(), stream, "vid-1"))
+    assert [item["event"] for item in out] == ["progress", "relevance", "delta", "done", "error"]
+    done = json.loads(out[3]["data"])
+    assert done["video_id"] == "vid-1" and done["usage"]["completion_tokens"] == 8
+    assert json.loads(out[4]["data"])["error"]["type"] == "server_error" and stream.cancelled
