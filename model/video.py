@@ -58,6 +58,26 @@ def sample_indices(info: VideoInfo, sampling: FrameSampling) -> list[int]:
     return indices
 
 
+def mp4_trailing_bytes(data: bytes | memoryview) -> int:
+    """Bytes after the last top-level box of an ISO-BMFF file (MP4, MOV), 0 if the boxes tile it.
+
+    decord reads an MP4 from its ``moov`` box and ignores whatever follows the boxes, so a valid
+    clip with hundreds of megabytes of something else appended would pass as the clip. A box cut
+    short (a truncated upload) is not junk: decord decides what it can read of it.
+    """
+    pos, end = 0, len(data)
+    while pos + 8 <= end:
+        size, kind = int.from_bytes(data[pos : pos + 4], "big"), bytes(data[pos + 4 : pos + 8])
+        if size == 1 and pos + 16 <= end:  # a 64-bit size follows the type
+            size = int.from_bytes(data[pos + 8 : pos + 16], "big")
+        elif size == 0:  # the last box runs to the end of the file
+            return 0
+        if size < 8 or not all(32 <= c < 127 for c in kind):
+            return end - pos
+        pos += size
+    return max(0, end - pos)
+
+
 class VideoFile:
     """A decord reader over a path or in-memory bytes."""
 
@@ -68,6 +88,8 @@ class VideoFile:
         if isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
                 raise VideoDecodeError("the video is empty (0 bytes)")
+            if bytes(source[4:8]) == b"ftyp" and (junk := mp4_trailing_bytes(source)):
+                raise VideoDecodeError(f"the MP4 has {junk} bytes after its last box: a corrupt or padded file")
             # decord's in-memory reader can crash the process on some truncated containers
             # (AVI cut mid-stream) where its file reader fails cleanly: spool bytes to a file.
             self._spool = tempfile.NamedTemporaryFile(prefix="llamavid-video-", suffix=".bin")

@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from ..engine.protocol import EngineClient
 from ..metrics import LlamaVidMetrics
@@ -24,7 +25,7 @@ from ..settings import Settings
 from .deps import require_api_key
 from .errors import install_error_handlers
 from .ingest import MediaIngest
-from .middleware import BodyLimit, HTTPMetrics
+from .middleware import BodyLimit, BodyLimitFor, HTTPMetrics
 from .routes import chat, health, videos
 from .thumbnails import ThumbnailCache
 
@@ -32,6 +33,25 @@ log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings, LlamaVidMetrics], Awaitable[EngineClient]]
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+
+def body_limits(settings: Settings) -> BodyLimitFor:
+    """Each route's body limit: an upload its media limit, JSON the base64 of the largest medium it may
+    carry as a ``data:`` URL plus the text limits, anything else 1 MiB."""
+    form_overhead = 64 << 10  # multipart boundaries and the small fields beside the file
+    text = 4 * settings.max_question_chars + (1 << 20)  # UTF-8 of the conversation, and the JSON around it
+    json_limit = -(-max(settings.max_video_bytes, settings.max_image_bytes) // 3) * 4 + text
+    media = "LLAMAVID_MAX_VIDEO_BYTES"
+
+    def limit_for(scope: Scope) -> tuple[int, str]:
+        if scope.get("method") != "POST":
+            return 1 << 20, "the limit for this route"
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        if scope.get("path") == "/v1/videos" and content_type.startswith(b"multipart/"):
+            return settings.max_video_bytes + form_overhead, f"the video upload limit ({media} plus form fields)"
+        return json_limit, f"the JSON body limit (a base64 data: URL of {media} plus the text limits)"
+
+    return limit_for
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
@@ -75,6 +95,6 @@ def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    app.add_middleware(BodyLimit, max_bytes=max(settings.max_video_bytes, settings.max_image_bytes * 2) + (1 << 20))
+    app.add_middleware(BodyLimit, limit_for=body_limits(settings))
     app.add_middleware(HTTPMetrics, metrics=metrics)
     return app

@@ -77,7 +77,9 @@ async def ask_events(events: AsyncIterator[AnyEvent], stream: EventStream, video
                     data = {"finish_reason": event.finish_reason, "video_id": video_id, "usage": done_usage(event)}
                 case ErrorEvent():
                     data = _error(event)
-                case ProgressEvent() | RelevanceEvent() | DeltaEvent():
+                case DeltaEvent(text=text):
+                    data = {"text": text}
+                case ProgressEvent() | RelevanceEvent():
                     data = event.model_dump(exclude={"type"})
             yield {"event": event.type, "data": _json(data)}
     finally:

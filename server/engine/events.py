@@ -42,6 +42,7 @@ class RelevanceEvent(_Event):
 class DeltaEvent(_Event):
     type: Literal["delta"] = "delta"
     text: str
+    offset: int = 0  # characters of the answer before this delta; a relay uses it to detect gaps and resyncs
 
 
 class DoneEvent(_Event):

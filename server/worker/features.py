@@ -182,9 +182,17 @@ class FeatureSource:
                 video_id, status="extracting", frames_total=len(indices), frames_done=0, duration=info.duration,
                 source_fps=info.avg_fps, fps=sampling.fps, width=info.width, height=info.height,
             )
-        chunks = iter_video_features(self.model, video, indices, chunk=self.encode_batch)
-        frames: list[torch.Tensor] = []
+        # Frames a previous, interrupted extraction already cached are read, not encoded again.
+        cached = await self.store.get_frames(self.model.encoder_fingerprint, digest, indices)
+        frames: dict[int, torch.Tensor] = {i: f for i, f in zip(indices, cached) if f is not None}
+        missing = [i for i in indices if i not in frames]
+        if frames:
+            log.info("video %s: %d of %d frames already cached; encoding the rest", video_id or digest,
+                     len(frames), len(indices))
+        chunks = iter_video_features(self.model, video, missing, chunk=self.encode_batch)
         while True:
+            if video_id:
+                await self.registry.update(video_id, frames_done=len(frames))
             try:
                 chunk = await self.thread(next, chunks, None)
             except VideoDecodeError as exc:
@@ -194,21 +202,20 @@ class FeatureSource:
             self.metrics.observe_stage("decode", chunk.decode_seconds)
             self.metrics.observe_stage("encode", chunk.encode_seconds)
             await self.store.put_frames(self.model.encoder_fingerprint, digest, chunk.indices, chunk.features)
-            frames.extend(chunk.features.unbind(0))  # views of the chunk: no second copy of the video
+            frames.update(zip(chunk.indices, chunk.features.unbind(0)))  # views: no second copy of the video
             self.metrics.frames_decoded.inc(len(chunk.indices))
             self.metrics.frames_encoded.inc(len(chunk.indices))
-            if video_id:
-                await self.registry.update(video_id, frames_done=len(frames))
+        ordered = [frames[i] for i in indices]
         manifest = Manifest(
             video_digest=digest, encoder_id=self.model.encoder_fingerprint, sampling=sampling.model_dump(),
             frame_indices=indices, timestamps=video.timestamps(indices), source_fps=info.avg_fps,
-            num_source_frames=info.num_frames, duration=info.duration, feature_shape=list(frames[0].shape),
+            num_source_frames=info.num_frames, duration=info.duration, feature_shape=list(ordered[0].shape),
             dtype=_dtype_name(),
         )
         await self.store.put_manifest(manifest)
         if video_id:
             await self._mark_ready(video_id, manifest)
-        return frames, manifest
+        return ordered, manifest
 
     async def _mark_ready(self, video_id: str, manifest: Manifest) -> None:
         await self.registry.update(

@@ -136,6 +136,7 @@ class ModelRunner:
             await emit(RelevanceEvent(frames=relevance_frames(prepared.relevance, timestamps)))
         generation = self.model.generation(params)
         tokens = self.decoding.open(prepared, params)
+        chars = 0  # of answer text emitted so far
         try:
             while True:
                 if await _is_set(cancelled):
@@ -145,7 +146,8 @@ class ModelRunner:
                 tracker.token()
                 delta = generation.push(token)
                 if delta.text:  # the detokenizer holds back partial characters and stop-string prefixes
-                    await emit(DeltaEvent(text=delta.text))
+                    await emit(DeltaEvent(text=delta.text, offset=chars))
+                    chars += len(delta.text)
                 if delta.finish_reason is not None:
                     await emit(_done(delta.finish_reason, prepared, generation.num_tokens))
                     return delta.finish_reason

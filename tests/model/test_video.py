@@ -14,7 +14,15 @@ import av
 import numpy as np
 import pytest
 
-from model.video import FrameSampling, VideoDecodeError, VideoFile, VideoInfo, load_video, sample_indices
+from model.video import (
+    FrameSampling,
+    VideoDecodeError,
+    VideoFile,
+    VideoInfo,
+    load_video,
+    mp4_trailing_bytes,
+    sample_indices,
+)
 
 BITS, BAR = 7, 8
 W, H = BITS * BAR + 8, 48
@@ -172,3 +180,20 @@ def test_undecodable_inputs(videos, tmp_path: Path, kind: str) -> None:
     source = _bad_inputs(videos, tmp_path)[kind]
     with pytest.raises(VideoDecodeError):
         load_video(source, FrameSampling(fps=1.0))
+
+
+def _box(kind: bytes, payload: bytes = b"", *, large: bool = False) -> bytes:
+    if large:
+        return (1).to_bytes(4, "big") + kind + (16 + len(payload)).to_bytes(8, "big") + payload
+    return (8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+
+def test_bytes_after_the_last_mp4_box_are_counted() -> None:
+    clip = (_box(b"ftyp", b"isom\x00\x00\x02\x00") + _box(b"moov", b"\x00" * 40)
+            + _box(b"mdat", b"\x01" * 100, large=True))
+    assert mp4_trailing_bytes(clip) == 0
+    assert mp4_trailing_bytes(clip + b"\x13" * 1000) == 1000  # junk appended
+    assert mp4_trailing_bytes(clip[:-30]) == 0  # cut short: decord decides what it can read
+    assert mp4_trailing_bytes(_box(b"ftyp", b"isom") + (0).to_bytes(4, "big") + b"mdat" + b"\x01" * 50) == 0
+    with pytest.raises(VideoDecodeError, match="1000 bytes after its last box"):
+        VideoFile(clip + b"\x13" * 1000)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import select
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server.conftest import STRICT_MAX_VIDEO_BYTES
+from tests.server.conftest import API_KEYS, STRICT_MAX_VIDEO_BYTES
 from tests.server.live import assert_api_error, scrape, wait_for, wait_idle
 from tests.videos import write_video
 
@@ -297,15 +298,54 @@ def _multipart_stream(size: int):
     yield b"\r\n--b--\r\n"
 
 
-@pytest.mark.parametrize("size", [3 * STRICT_MAX_VIDEO_BYTES, 20 * STRICT_MAX_VIDEO_BYTES],
-                         ids=["file", "body"])
-def test_streamed_body_over_the_limit(size: int, strict_http: httpx.Client) -> None:
+@pytest.mark.parametrize(("size", "words", "code"), [
+    (STRICT_MAX_VIDEO_BYTES + 10_000, (f"{STRICT_MAX_VIDEO_BYTES}-byte limit",), "media_too_large"),
+    (20 * STRICT_MAX_VIDEO_BYTES, ("video upload limit", "exceeds"), "request_too_large"),
+], ids=["file", "body"])
+def test_streamed_body_over_the_limit(size: int, words: tuple[str, ...], code: str, strict_http: httpx.Client) -> None:
     """A chunked upload (no Content-Length) past ``max_video_bytes``: 413 from the upload reader
-    (3x) or from the body limit while the bytes stream in (20x)."""
+    (just past it, within the form's allowance) or from the body limit while the bytes stream in."""
     response = strict_http.post("/v1/videos", content=_multipart_stream(size),
                                 headers={"content-type": "multipart/form-data; boundary=b"})
-    assert_api_error(response, 413, "limit" if size < 10 * STRICT_MAX_VIDEO_BYTES else "exceeds",
-                     code="media_too_large" if size < 10 * STRICT_MAX_VIDEO_BYTES else "request_too_large")
+    assert_api_error(response, 413, *words, code=code)
+
+
+def test_a_huge_upload_is_cut_off_at_the_limit(strict_server) -> None:
+    """300 MB sent chunked at a server that takes 200 KB videos: the 413 names the video limit and
+    arrives while the client is still sending, and the server closes the connection, so the client
+    stops after about the limit (plus what the sockets buffer) instead of sending all 300 MB."""
+    host, port = strict_server.url.removeprefix("http://").split(":")
+    piece = b"\x00" * 65536
+    sent, total = 0, 300 << 20
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n"
+                     b"Authorization: Bearer " + API_KEYS[0].encode() + b"\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+        first = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.mp4"\r\n\r\n'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(first), first))
+        try:
+            while sent < total and not select.select([sock], [], [], 0)[0]:  # until the answer arrives
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status, headers, body = _read_http_response(sock)
+        assert headers.get("connection") == "close"
+        try:
+            assert sock.recv(1) == b""  # the server hung up
+        except ConnectionResetError:
+            pass
+    assert status == 413
+    assert_api_error(httpx.Response(status, headers=headers, content=body), 413, "video upload limit",
+                     "LLAMAVID_MAX_VIDEO_BYTES", str(STRICT_MAX_VIDEO_BYTES + (64 << 10)), code="request_too_large")
+    assert sent < STRICT_MAX_VIDEO_BYTES + (32 << 20), f"the client could send {sent} bytes"
+
+
+def test_junk_after_a_valid_mp4_is_refused(http: httpx.Client, videos) -> None:
+    """A valid MP4 with a megabyte of something else after its last box is not a 3 s video."""
+    data = videos.short.read_bytes() + b"\x13" * (1 << 20)
+    response = http.post("/v1/videos", files={"file": ("padded.mp4", data, "video/mp4")})
+    assert_api_error(response, 400, "1048576 bytes", "after its last box", code="invalid_video")
 
 
 @pytest.mark.parametrize("route", ["media", "chunked"])

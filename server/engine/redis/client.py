@@ -23,13 +23,16 @@ from ...settings import Settings
 from ..events import DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
 from ..jobs import QuestionJob, VideoJob
 from ..protocol import EngineUnavailable, EventStream, ModelCard, QueueFull
-from .outage import redis_backend
+from .outage import connect, redis_backend
 from .queue import QUESTIONS, VIDEOS, RedisJobQueue
 from .storage import RedisMediaStore, RedisVideoRegistry
 
 log = logging.getLogger(__name__)
 
 CARD_CACHE_SECONDS = 2.0
+LEASE_SECONDS = 5.0  # a request's lease: renewed every second while this process relays it
+LEASE_RENEW_SECONDS = 1.0
+LOST_AFTER_SECONDS = 5.0  # neither job nor events in Redis for this long: a restart lost the request
 
 
 @redis_backend
@@ -71,8 +74,12 @@ class RedisEngine:
         self._cards = (0.0, [])
         return {"model": bool(await self._workers()), "cache": cache}
 
+    def _dead_after_ms(self) -> int:
+        return int(self.settings.visibility_timeout * 1000)
+
     async def extract(self, job: VideoJob) -> None:
-        if await self.queue.enqueue_bounded(VIDEOS, job.model_dump_json(), self.settings.video_queue_size) is None:
+        limit = self.settings.video_queue_size
+        if await self.queue.enqueue_bounded(VIDEOS, job.model_dump_json(), limit, self._dead_after_ms()) is None:
             raise QueueFull("videos", retry_after=10)
         self.metrics.set_queue_depth("videos", await self.queue.depth(VIDEOS))
 
@@ -84,38 +91,58 @@ class RedisEngine:
         if job.sampling.seed is None:
             # A reclaimed job is replayed from the start; with the same seed it samples the same text.
             job.sampling.seed = random.randrange(1 << 31)
-        admitted = await self.queue.enqueue_bounded(QUESTIONS, job.model_dump_json(), limit)
+        await self.queue.renew_lease(job.request_id, LEASE_SECONDS)
+        entry_id = await self.queue.enqueue_bounded(QUESTIONS, job.model_dump_json(), limit, self._dead_after_ms())
         self.metrics.set_queue_depth("questions", await self.queue.depth(QUESTIONS))
-        if admitted is None:
+        if entry_id is None:
             raise QueueFull("questions", retry_after=2)
         stream = EventStream(on_cancel=lambda: _stop_relay(stream))
-        stream.task = asyncio.ensure_future(self._relay(job, stream))
+        stream.task = asyncio.ensure_future(self._relay(job, entry_id, stream))
         return stream
 
-    async def _relay(self, job: QuestionJob, stream: EventStream) -> None:
+    async def _relay(self, job: QuestionJob, entry_id: str, stream: EventStream) -> None:
+        """Forward the worker's events to the client: each attempt's answer text is rebuilt from the
+        deltas' offsets, and only what the client does not have yet is forwarded."""
         last, attempt, sent, replay = "0-0", 0, "", ""
         relevance_sent, finished = False, False
         deadline = job.deadline + 30
+        renewed, lost_since = time.monotonic(), None
         try:
             while not stream.cancelled and not finished:
                 if time.time() > deadline:
                     stream.put(ErrorEvent(status=504, code="timeout", message="no worker finished the request in time"))
                     break
                 try:
+                    if time.monotonic() - renewed >= LEASE_RENEW_SECONDS:
+                        await self.queue.renew_lease(job.request_id, LEASE_SECONDS)
+                        renewed = time.monotonic()
+                        # A Redis that restarted empty lost the job and its events: nothing will come.
+                        alive = await self.queue.request_alive(QUESTIONS, entry_id, job.request_id)
+                        lost_since = None if alive else (lost_since or time.monotonic())
+                        if lost_since is not None and time.monotonic() - lost_since > LOST_AFTER_SECONDS:
+                            stream.put(ErrorEvent(status=503, code="backend_restarted", message=(
+                                "the request was lost when the queue backend (Redis) restarted; send it again")))
+                            break
                     batch = await self.queue.read_events(job.request_id, last, block_ms=250)
                 except Exception as exc:  # Redis went away mid-answer
                     log.warning("lost the event stream of %s: %s", job.request_id, exc)
                     await asyncio.sleep(0.5)
                     continue
-                for entry_id, event_attempt, event in batch:
-                    last = entry_id
+                for entry, event_attempt, event in batch:
+                    last = entry
                     if event_attempt < attempt:
                         continue  # a worker that was presumed dead; its replacement owns the request
                     if event_attempt > attempt:
                         attempt, replay = event_attempt, ""
                     match event:
-                        case DeltaEvent(text=text):
-                            replay += text
+                        case DeltaEvent(text=text, offset=offset):
+                            if offset > len(replay):
+                                finished = True
+                                stream.put(ErrorEvent(status=502, code="events_lost", message=(
+                                    "part of the answer was lost in a queue backend (Redis) outage; send the "
+                                    "request again")))
+                                break
+                            replay = replay[:offset] + text  # offset < len: a resend of text already relayed
                             common = min(len(replay), len(sent))
                             if replay[:common] != sent[:common]:
                                 stream.put(ErrorEvent(status=502, code="worker_failed", message=(
@@ -123,7 +150,7 @@ class RedisEngine:
                                     "different answer")))
                                 finished = True
                             elif len(replay) > len(sent):
-                                stream.put(DeltaEvent(text=replay[len(sent):]))
+                                stream.put(DeltaEvent(text=replay[len(sent):], offset=len(sent)))
                                 sent = replay
                         case RelevanceEvent():
                             if not relevance_sent:
@@ -159,5 +186,5 @@ def _stop_relay(stream: EventStream) -> None:
 
 
 async def redis_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> RedisEngine:
-    redis = Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=10)
+    redis = connect(settings.redis_url)
     return RedisEngine(redis, settings, metrics)

@@ -12,6 +12,9 @@ import inspect
 from collections.abc import Callable
 from typing import TypeVar
 
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -19,6 +22,15 @@ from ..protocol import EngineUnavailable
 
 C = TypeVar("C", bound=type)
 OUTAGES = (RedisConnectionError, RedisTimeoutError, ConnectionError)
+
+
+def connect(url: str) -> Redis:
+    """A client that gives up on a dead Redis within a second: redis-py's default retries with a
+    backoff of up to 10 s, which would hold a command (and the answer behind it) that long after
+    Redis is back. The service retries at its own level (every loop, every emit), so a short
+    reconnect attempt here is enough."""
+    retry = Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=3)
+    return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=2, health_check_interval=10, retry=retry)
 
 
 def unavailable(exc: BaseException) -> EngineUnavailable:

@@ -9,6 +9,9 @@ Layout under a namespace ``ns`` (every key is prefixed, so tests and tenants can
 * ``ns:events:<request>``: the per-request stream of events a worker emits and the API relays
   as SSE; each event carries the attempt number, so a reclaimed job's replay is recognised.
 * ``ns:cancel:<request>``: set by the API when the client goes away; checked every decode step.
+* ``ns:lease:<request>``: renewed by whoever relays the request's events to a client (the API);
+  a worker stops a job whose lease stayed gone for longer than the lease time: nobody is waiting
+  for its answer (the API process died).
 * ``ns:attempt:<request>``: incremented by each worker that starts the job.
 * ``ns:workers`` / ``ns:worker-cards``: live workers (scored by expiry) and the model they serve.
 
@@ -30,8 +33,24 @@ GROUP = "workers"
 QUESTIONS = "questions"
 VIDEOS = "videos"
 
+_EMIT = """
+if ARGV[4] == '0' and redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', 100000, '*', 'event', ARGV[1], 'attempt', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# The bound counts the entries not acknowledged yet, except those idle past the visibility
+# timeout: a dead worker's job stays in the stream until another worker reclaims it, and must not
+# keep new jobs out meanwhile. (XPENDING ... IDLE counts at most ARGV[1] of them: enough to decide.)
 _ENQUEUE_BOUNDED = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+local limit = tonumber(ARGV[1])
+local depth = redis.call('XLEN', KEYS[1])
+if depth >= limit then
+  local ok, dead = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[4], 'IDLE', ARGV[3], '-', '+', limit)
+  if ok then depth = depth - #dead end
+end
+if depth >= limit then return false end
 return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2])
 """
 
@@ -52,18 +71,25 @@ class RedisJobQueue:
     def cancel_key(self, request_id: str) -> str:
         return f"{self.ns}:cancel:{request_id}"
 
+    def lease_key(self, request_id: str) -> str:
+        return f"{self.ns}:lease:{request_id}"
+
     # -- producer ----------------------------------------------------------------------------------
     async def enqueue(self, queue: str, payload: str) -> str:
         return (await self.redis.xadd(self.stream(queue), {"job": payload})).decode()
 
-    async def enqueue_bounded(self, queue: str, payload: str, limit: int) -> str | None:
-        """Enqueue unless ``limit`` entries are already unacknowledged (then ``None``).
+    async def enqueue_bounded(self, queue: str, payload: str, limit: int, dead_after_ms: int) -> str | None:
+        """Enqueue unless ``limit`` live entries are already unacknowledged (then ``None``);
+        entries idle for ``dead_after_ms`` (their worker died) do not count.
 
         One script, so the check and the append are atomic: a burst of requests, on one API
         process or several, cannot all see room for one more and overshoot the bound.
         """
-        entry = await self.redis.eval(_ENQUEUE_BOUNDED, 1, self.stream(queue), limit, payload)
+        entry = await self.redis.eval(_ENQUEUE_BOUNDED, 1, self.stream(queue), limit, payload, dead_after_ms, GROUP)
         return entry.decode() if entry else None
+
+    async def renew_lease(self, request_id: str, seconds: float) -> None:
+        await self.redis.set(self.lease_key(request_id), 1, px=int(seconds * 1000))
 
     async def depth(self, queue: str) -> int:
         """Entries not yet acknowledged: waiting plus being worked on."""
@@ -120,14 +146,20 @@ class RedisJobQueue:
             except ResponseError:
                 pass
 
-    async def owned(self, queue: str, consumer: str, entry_ids: set[str]) -> set[str]:
-        """Which of ``entry_ids`` this consumer still owns (another worker may have reclaimed some)."""
-        if not entry_ids:
-            return set()
-        pending = await self.redis.xpending_range(self.stream(queue), GROUP, min="-", max="+",
-                                                  count=max(1000, 4 * len(entry_ids)), consumername=consumer)
-        mine = {p["message_id"].decode() if isinstance(p["message_id"], bytes) else p["message_id"] for p in pending}
-        return entry_ids & mine
+    async def owners(self, queue: str, entry_ids: list[str]) -> dict[str, str | None]:
+        """Who holds each of ``entry_ids`` now: a consumer's name, or None where the entry is pending
+        nowhere (acknowledged, or lost with a Redis that restarted without its data)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(self.stream(queue), GROUP, min=entry_id, max=entry_id, count=1)
+        owners: dict[str, str | None] = {}
+        for entry_id, reply in zip(entry_ids, await pipe.execute(raise_on_error=False)):
+            if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+                reply = []  # the stream itself is gone
+            elif isinstance(reply, Exception):
+                raise reply
+            owners[entry_id] = _text(reply[0]["consumer"]) if reply else None
+        return owners
 
     async def ack(self, queue: str, entry_id: str) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -143,15 +175,29 @@ class RedisJobQueue:
         attempt, _ = await pipe.execute()
         return int(attempt)
 
-    async def emit(self, request_id: str, attempt: int, event: AnyEvent) -> None:
-        key = self.events_key(request_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.xadd(key, {"event": dump_event(event), "attempt": attempt}, maxlen=100_000, approximate=True)
-        pipe.expire(key, self.event_ttl)
-        await pipe.execute()
+    async def emit(self, request_id: str, attempt: int, event: AnyEvent, *, first: bool) -> bool:
+        """Append an event; False (and nothing appended) when it is not the attempt's first event and
+        the stream is gone: Redis lost it (a restart without persistence), so what the relay had not
+        read yet is lost and the caller must resend the answer so far."""
+        appended = await self.redis.eval(_EMIT, 1, self.events_key(request_id), dump_event(event), attempt,
+                                         self.event_ttl, int(first))
+        return bool(appended)
 
-    async def cancelled(self, request_id: str) -> bool:
-        return bool(await self.redis.exists(self.cancel_key(request_id)))
+    async def request_alive(self, queue: str, entry_id: str, request_id: str) -> bool:
+        """Whether anything of the request is still in Redis: its job entry or its events."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.events_key(request_id))
+        pipe.xrange(self.stream(queue), min=entry_id, max=entry_id, count=1)
+        events, entry = await pipe.execute()
+        return bool(events) or bool(entry)
+
+    async def cancelled(self, request_id: str) -> tuple[bool, bool]:
+        """(the client asked to cancel, someone still holds the request's lease)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.exists(self.cancel_key(request_id))
+        pipe.exists(self.lease_key(request_id))
+        cancel, lease = await pipe.execute()
+        return bool(cancel), bool(lease)
 
     # -- worker membership -----------------------------------------------------------------------
     # A sorted set of worker ids scored by when their advertisement expires, and a hash of their
@@ -186,7 +232,11 @@ class RedisJobQueue:
 
     async def forget(self, request_id: str) -> None:
         await self.redis.delete(self.events_key(request_id), self.cancel_key(request_id),
-                                f"{self.ns}:attempt:{request_id}")
+                                self.lease_key(request_id), f"{self.ns}:attempt:{request_id}")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def encode_card(card: Any) -> str:
