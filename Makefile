@@ -26,3 +26,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/model_core.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/kv_cache.py

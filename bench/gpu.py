@@ -9,9 +9,10 @@ own code paths. Measured, each against a baseline or ceiling from the same run:
   ~0.5 TFLOP per 224 px frame);
 * ``frame_tokens`` frames/s for a 300-frame video (the question-conditioned two tokens per frame);
 * prefill tokens/s and time to first token with cached features (300 frames, ~640 positions);
-* decode tokens/s of the shared batched decoder at 1 / 8 / 32 concurrent questions, against the
+* decode tokens/s of the paged batched decoder at 1 / 8 / 32 concurrent questions, against the
   one-request-at-a-time loop (``generate_tokens``) in the same run;
-* peak memory after each phase.
+* the memory plan for this device (``model.memory``): its KV cache is the pool the decoder uses, and
+  peak memory is compared with what the plan reserved.
 
     python bench/gpu.py                      # on the device: -> $OUT/gpu.json (or bench/results/gpu.json)
     python bench/gpu.py --preset small ...   # the same code on a CPU, small enough to check the script
@@ -40,6 +41,7 @@ import transformers  # noqa: E402
 from model.conversation import Message  # noqa: E402
 from model.generate import GenerationParams, generate_tokens  # noqa: E402
 from model.llama_vid import LlamaVid, VisualInput  # noqa: E402
+from model.memory import plan_memory  # noqa: E402
 from model.tools.tiny import (  # noqa: E402,E501
     PRESETS,
     build_random_llamavid,
@@ -112,18 +114,23 @@ def prompts(model: LlamaVid, frames: int, count: int) -> list:
     return out
 
 
-def decode_batched(model: LlamaVid, prepared: list, new_tokens: int, capacity: int) -> dict:
-    """Tokens/s of the shared batched decoder with every request admitted, then stepped together."""
+def decode_batched(decoder, prepared: list, new_tokens: int) -> dict:
+    """Tokens/s of the paged decoder with every request admitted and prefilled, then stepped together."""
     params = GenerationParams(max_new_tokens=new_tokens + 1, temperature=0.0)
-    batch = model.batch_decoder(len(prepared), capacity)
-    device = model.device
+    seqs = []
     for i, p in enumerate(prepared):
-        batch.add(i, p.inputs_embeds, params)
+        seq = decoder.sequence(i, p.inputs_embeds, params)
+        decoder.start(seq)
+        while decoder.prefill(seq) is None:
+            pass
+        seqs.append(seq)
+    device = decoder.pool.keys[0].device
     sync(device)
     start = time.perf_counter()
     steps = 0
-    while batch.active:
-        batch.step()
+    while seqs:
+        decoder.step(seqs)
+        seqs = [s for s in seqs if s.blocks]
         steps += 1
     sync(device)
     seconds = time.perf_counter() - start
@@ -145,6 +152,43 @@ def decode_alone(model: LlamaVid, prepared: list, new_tokens: int) -> dict:
     return {"requests": len(prepared), "tokens_per_s": round(tokens / seconds, 1)}
 
 
+def profile_decode(model: LlamaVid, prepared: list, plan, device: torch.device) -> None:
+    """Where a decode step's time goes: the paged step for 1 and 8 questions, and the plain loop's step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    decoder = model.paged_decoder(min(plan.num_blocks, 4096), block_size=plan.block_size)
+    params = GenerationParams(max_new_tokens=200, temperature=0.0)
+    for n in (1, 8):
+        seqs = []
+        for i, p in enumerate(prepared[:n]):
+            seq = decoder.sequence(i, p.inputs_embeds, params)
+            decoder.start(seq)
+            while decoder.prefill(seq) is None:
+                pass
+            seqs.append(seq)
+        for _ in range(3):
+            decoder.step(seqs)
+        sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                decoder.step(seqs)
+            sync(device)
+        print(f"== paged step, {n} questions")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        for seq in seqs:
+            decoder.free(seq)
+    tokens = generate_tokens(model.llm, prepared[0].inputs_embeds, params, eos_id=-1)
+    for _ in range(4):
+        next(tokens)
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            next(tokens)
+        sync(device)
+    print("== generate_tokens step")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="7b", choices=sorted(PRESETS))
@@ -152,12 +196,12 @@ def main() -> int:
     parser.add_argument("--eva-batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,32")
-    parser.add_argument("--capacity", type=int, default=1024, help="positions per slot of the batch cache")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="only profile decode steps (batched vs alone) and stop")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / ("gpu.json" if args.preset == "7b" else f"gpu-{args.preset}.json")
+    out = out_dir / (("gpu" if args.preset == "7b" else f"gpu-{args.preset}") + ("-profile" if args.profile else "") + ".json")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -206,7 +250,8 @@ def main() -> int:
         return {"batch": args.eva_batch, "frames_per_s": round(fps, 1), "tflop_per_frame": round(eva_flops_per_frame(model) / 1e12, 3),
                 "achieved_tflops": round(tflops, 1), "share_of_matmul_ceiling": round(tflops / ceiling, 3) if ceiling else None}
 
-    phase("eva", eva)
+    if not args.profile:
+        phase("eva", eva)
 
     def frame_tokens() -> dict:
         features = torch.randn(args.frames, 1 + model.vision.num_patches, model.config.mm_hidden_size,
@@ -214,7 +259,8 @@ def main() -> int:
         seconds = timed(lambda: model.frame_tokens(features, QUESTION), device, args.repeats)
         return {"frames": args.frames, "frames_per_s": round(args.frames / seconds, 1)}
 
-    phase("frame_tokens", frame_tokens)
+    if not args.profile:
+        phase("frame_tokens", frame_tokens)
 
     def prefill() -> dict:
         [prepared] = prompts(model, args.frames, 1)
@@ -232,13 +278,33 @@ def main() -> int:
                 "prefill_tokens_per_s": round(prepared.num_prompt_tokens / seconds, 1),
                 "ttft_cached_features_ms": round(1000 * timed(ttft, device, args.repeats), 1)}
 
-    phase("prefill", prefill)
+    if not args.profile:
+        phase("prefill", prefill)
 
+    def plan_phase() -> dict:
+        device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 << 30
+        v = model.vision.config
+        plan = plan_memory(model.config, device_bytes=device_bytes, dtype=dtype, max_new_tokens=args.new_tokens + 1,
+                           kv_cache_bytes=None if device.type == "cuda" else 1 << 30,
+                           eva_dims=(v.hidden_size, v.num_hidden_layers, v.intermediate_size, v.patch_size))
+        planned.append(plan)
+        return {"weights_gib": round(plan.weights_bytes / 2**30, 2), "activation_gib": round(plan.activation_bytes / 2**30, 2),
+                "kv_cache_gib": round(plan.kv_cache_bytes / 2**30, 2), "kv_bytes_per_token": plan.kv_bytes_per_token,
+                "max_concurrent_tokens": plan.max_concurrent_tokens, "questions_of_300_frames": plan.questions_at_once(300),
+                "planned_total_gib": round((plan.weights_bytes + plan.activation_bytes + plan.kv_cache_bytes) / 2**30, 2)}
+
+    planned: list = []
+    phase("plan", plan_phase)
+    plan = planned[0] if planned else None
     levels = [int(c) for c in args.concurrency.split(",")]
     many = prompts(model, args.frames, max(levels))
+    if args.profile:
+        profile_decode(model, many[:8], plan, device)
+        return 0
 
     def decode() -> dict:
-        rows = [decode_batched(model, many[:n], args.new_tokens, args.capacity) for n in levels]
+        decoder = model.paged_decoder(plan.num_blocks, block_size=plan.block_size)  # the pool the plan sized
+        rows = [decode_batched(decoder, many[:n], args.new_tokens) for n in levels]
         baseline_n = min(8, max(levels))
         alone = decode_alone(model, many[:baseline_n], args.new_tokens)
         batched = next((r for r in rows if r["concurrency"] == baseline_n), rows[-1])
@@ -246,8 +312,6 @@ def main() -> int:
                 "speedup_at_baseline_concurrency": round(batched["tokens_per_s"] / alone["tokens_per_s"], 2)}
 
     phase("decode", decode)
-    result["kv_bytes_per_token"] = 2 * model.llm.config.num_hidden_layers * model.llm.config.num_key_value_heads * \
-        (model.llm.config.hidden_size // model.llm.config.num_attention_heads) * torch.tensor([], dtype=dtype).element_size()
     save()
     print(f"-> {out}")
     return 0

@@ -1,14 +1,16 @@
-"""Continuous batching of decode steps: many requests, one LLM forward per generated token.
+"""Continuous batching over a paged KV cache: many requests, one LLM forward per generated token.
 
-Each request is prefilled on its own (prompts differ in length and arrive at any time), then its
-KV entries are copied into a slot of a shared static cache of ``capacity`` positions. All slots
-write their next token at one shared cursor, so a decode step is a single batched forward; a
-slot whose prompt was shorter simply has masked holes in front of it. RoPE positions are each
-slot's true length, so every request computes exactly what it would alone. Active slots are kept
-at the front (``0..n-1``) so a step runs on views of the cache, never on idle rows; when the
-cursor reaches the end, the slots are compacted. A slot is freed as soon as its request ends
-at EOS or at its token budget, so nothing is ever decoded past ``max_new_tokens``, whether or
-not the caller is keeping up with the tokens.
+A request is a ``Sequence``: its prompt embeddings, its blocks in the ``BlockPool`` and its sampler.
+Its prompt is prefilled in chunks of at most ``prefill_chunk`` positions (one forward each, bounded
+activation memory, so a caller can interleave decode steps of the others), then every decoding
+sequence advances together: one forward over all of them, each attending to its own positions
+(gathered from its blocks, left-padded and masked) at its own RoPE position, so every request
+computes what it would alone. A sequence is freed as soon as it ends at EOS or at its token
+budget, so nothing is ever decoded past ``max_new_tokens``. When the pool runs short, the caller
+can move a sequence's keys and values to host memory (``swap_out``) and bring them back later
+(``swap_in``): exact, unlike recomputing them.
+
+Not thread-safe: call it from one thread (the worker's model thread).
 """
 
 from __future__ import annotations
@@ -16,177 +18,149 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
-from transformers.cache_utils import Cache, StaticLayer
+from torch.nn.attention import sdpa_kernel
+from transformers import LlamaForCausalLM
 
-from .generate import _CACHE_KW, GenerationParams, prefill, sample
-
-
-class _SlotLayer(StaticLayer):
-    """A static layer that writes at the owner's cursor, on the first ``owner.active`` rows only."""
-
-    def __init__(self, capacity: int, owner: "SlotCache") -> None:
-        super().__init__(max_cache_len=capacity)
-        self.owner = owner
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n, end = key_states.shape[0], self.owner.cursor + key_states.shape[-2]
-        keys, values = self.keys[:n], self.values[:n]
-        pos = torch.arange(self.owner.cursor, end, device=keys.device)
-        keys.index_copy_(2, pos, key_states)
-        values.index_copy_(2, pos, value_states)
-        # Attend over the used prefix only, not the whole capacity.
-        return keys[:, :, :end], values[:, :, :end]
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.cursor + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.owner.cursor
+from .generate import _CACHE_KW, LLM_ATTENTION, GenerationParams, sample
+from .kv_cache import PADDING_BLOCK, BlockPool, PagedCache
 
 
-class SlotCache(Cache):
-    def __init__(self, num_layers: int, capacity: int) -> None:
-        self.cursor = 0
-        super().__init__(layers=[_SlotLayer(capacity, self) for _ in range(num_layers)])
-
-    def allocate(self, slots: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        probe = torch.zeros(slots, heads, 1, head_dim, dtype=dtype, device=device)
-        for layer in self.layers:
-            layer.lazy_initialization(probe, probe)
-
-
-@dataclass
-class _Slot:
+@dataclass(eq=False)
+class Sequence:
     request: object  # the caller's handle, returned with each token
-    length: int  # tokens in the cache for this request
-    token: int  # the last sampled token, not yet in the cache
     params: GenerationParams
+    prompt: torch.Tensor | None  # [1, L, H] until prefilled
+    prompt_len: int
     generator: torch.Generator | None
-    generated: int = 1
-
-
-class BatchedDecoder:
-    """Not thread-safe: call it from one thread (the worker's model thread)."""
-
-    def __init__(self, llm: LlamaForCausalLM, max_slots: int, capacity: int, *, eos_id: int) -> None:
-        config = llm.config
-        self.llm = llm
-        self.eos_id = eos_id
-        self.max_slots = max_slots
-        self.capacity = capacity
-        self.cache = SlotCache(config.num_hidden_layers, capacity)
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.cache.allocate(max_slots, heads, head_dim, llm.dtype, llm.device)
-        self.mask = torch.zeros(max_slots, capacity, dtype=torch.long, device=llm.device)
-        self.slots: list[_Slot] = []
+    blocks: list[int]
+    length: int = 0  # positions in the cache
+    token: int | None = None  # the last sampled token, not yet in the cache
+    generated: int = 0
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, on the host, while preempted
 
     @property
-    def active(self) -> int:
-        return len(self.slots)
+    def prefilled(self) -> bool:
+        return self.length >= self.prompt_len
 
-    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
-        return prompt_len + max_new_tokens < self.capacity
+    @property
+    def positions_needed(self) -> int:
+        """Positions the sequence will hold at most: its prompt and its whole token budget."""
+        return self.prompt_len + self.params.max_new_tokens
 
-    def has_room(self) -> bool:
-        return len(self.slots) < self.max_slots
 
-    def _finished(self, token: int, generated: int, params: GenerationParams) -> bool:
-        return token == self.eos_id or generated >= params.max_new_tokens
+class PagedDecoder:
+    def __init__(self, llm: LlamaForCausalLM, pool: BlockPool, *, eos_id: int, prefill_chunk: int = 2048) -> None:
+        self.llm = llm
+        self.pool = pool
+        self.eos_id = eos_id
+        self.prefill_chunk = prefill_chunk
+        self.cache = PagedCache(pool)
 
-    @torch.inference_mode()
-    def add(self, request: object, inputs_embeds: torch.Tensor, params: GenerationParams) -> int:
-        """Prefill one request into a free slot; return its first token (a request that ends
-        with it never takes a slot)."""
-        if not self.has_room():
-            raise RuntimeError("no free decode slot")
-        length = inputs_embeds.shape[1]
+    # -- requests ----------------------------------------------------------------------------------
+    def sequence(self, request: object, inputs_embeds: torch.Tensor, params: GenerationParams) -> Sequence:
         generator = None
         if params.seed is not None and not params.greedy:
             generator = torch.Generator(device=inputs_embeds.device).manual_seed(params.seed)
-        own = DynamicCache(config=self.llm.config)
-        token = sample(prefill(self.llm, inputs_embeds, own), params, generator)
-        if self._finished(token, 1, params):
-            return token
-        if self.cache.cursor < length or self.cache.cursor + params.max_new_tokens >= self.capacity:
-            self._compact(minimum=length)
-        row, end = len(self.slots), self.cache.cursor
-        for mine, layer in zip(own.layers, self.cache.layers):
-            layer.keys[row, :, end - length : end] = mine.keys[0]
-            layer.values[row, :, end - length : end] = mine.values[0]
-        self.mask[row].zero_()
-        self.mask[row, end - length : end] = 1
-        self.slots.append(_Slot(request, length, token, params, generator))
-        return token
+        return Sequence(request, params, inputs_embeds, inputs_embeds.shape[1], generator, [])
+
+    def fits_ever(self, seq: Sequence) -> bool:
+        return self.pool.blocks_for(seq.positions_needed) <= self.pool.usable_blocks
+
+    def blocks_to_start(self, seq: Sequence) -> int:
+        """Blocks ``start`` or ``swap_in`` takes: the prompt's (or what the sequence held) and one to grow into."""
+        held = seq.length if seq.swapped is not None else seq.prompt_len
+        return self.pool.blocks_for(held + 1)
+
+    def start(self, seq: Sequence) -> None:
+        seq.blocks = self.pool.allocate(self.blocks_to_start(seq))
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
+    def needs_block(self, seq: Sequence) -> bool:
+        """Whether the sequence's next decode step writes past its last block."""
+        return seq.length >= len(seq.blocks) * self.pool.block_size
+
+    def _finished(self, seq: Sequence) -> bool:
+        return seq.token == self.eos_id or seq.generated >= seq.params.max_new_tokens
+
+    # -- compute -----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> int | None:
+        """Prefill the next chunk of the prompt; return the first token once the whole prompt is in
+        (the sequence is freed right away if that token already ends it)."""
+        start, stop = seq.length, min(seq.prompt_len, seq.length + self.prefill_chunk)
+        device = self.pool.keys[0].device
+        self.cache.plan(self.pool.positions(seq.blocks, start, stop), self.pool.positions(seq.blocks, 0, stop)[None],
+                        stop - start)
+        positions = torch.arange(start, stop, device=device)
+        with sdpa_kernel(LLM_ATTENTION):
+            out = self.llm(inputs_embeds=seq.prompt[:, start:stop], position_ids=positions[None],
+                           cache_position=positions, use_cache=True, logits_to_keep=1, **{_CACHE_KW: self.cache})
+        seq.length = stop
+        if not seq.prefilled:
+            return None
+        seq.prompt = None
+        seq.token, seq.generated = sample(out.logits[0, -1], seq.params, seq.generator), 1
+        if self._finished(seq):
+            self.free(seq)
+        return seq.token
 
     @torch.inference_mode()
-    def step(self) -> list[tuple[object, int]]:
-        """One decode step for every slot: feed each slot's last token, sample its next one.
-        Slots whose request this token ends are freed before returning."""
-        n = len(self.slots)
-        if n == 0:
+    def step(self, seqs: list[Sequence]) -> list[tuple[object, int]]:
+        """One decode step for every sequence in ``seqs`` (each with room for its next position, see
+        ``needs_block``): feed each one's last token, sample its next. Sequences this token ends are
+        freed before returning."""
+        if not seqs:
             return []
-        if self.cache.cursor + 1 >= self.capacity:
-            self._compact(minimum=0)
-        cursor = self.cache.cursor
-        device = self.mask.device
-        ids = torch.tensor([[s.token] for s in self.slots], device=device)
-        positions = torch.tensor([[s.length] for s in self.slots], device=device)
-        self.mask[:n, cursor] = 1
-        out = self.llm(
-            input_ids=ids, position_ids=positions, attention_mask=self.mask[:n, : cursor + 1], use_cache=True,
-            cache_position=torch.tensor([cursor], device=device), **{_CACHE_KW: self.cache},
-        )
-        self.cache.cursor += 1
+        for seq in seqs:
+            if self.needs_block(seq):
+                seq.blocks += self.pool.allocate(1)
+        kv_length = 1 + max(seq.length for seq in seqs)
+        padding = PADDING_BLOCK * self.pool.block_size
+        rows = []
+        for seq in seqs:
+            own = self.pool.positions(seq.blocks, 0, seq.length + 1)
+            rows.append(torch.cat((torch.full((kv_length - len(own),), padding, dtype=torch.long), own)))
+        read = torch.stack(rows)
+        self.cache.plan(read[:, -1], read, 1)
+        device = self.pool.keys[0].device
+        lengths = torch.tensor([seq.length for seq in seqs], device=device)
+        mask = None
+        if any(seq.length + 1 < kv_length for seq in seqs):
+            mask = (torch.arange(kv_length, device=device)[None] >= (kv_length - 1 - lengths)[:, None]).long()
+        with sdpa_kernel(LLM_ATTENTION):
+            out = self.llm(
+                input_ids=torch.tensor([[seq.token] for seq in seqs], device=device), position_ids=lengths[:, None],
+                attention_mask=mask, cache_position=torch.tensor([kv_length - 1], device=device), use_cache=True,
+                **{_CACHE_KW: self.cache},
+            )
         logits = out.logits[:, -1]
-        results, ended = [], []
-        for i, slot in enumerate(self.slots):
-            slot.length += 1
-            slot.generated += 1
-            slot.token = sample(logits[i], slot.params, slot.generator)
-            results.append((slot.request, slot.token))
-            if self._finished(slot.token, slot.generated, slot.params):
-                ended.append(slot.request)
-        for request in ended:
-            self.remove(request)
+        greedy = logits.argmax(-1).tolist()  # one transfer for every greedy row, not one per row
+        results = []
+        for i, seq in enumerate(seqs):
+            seq.length += 1
+            seq.generated += 1
+            seq.token = greedy[i] if seq.params.greedy else sample(logits[i], seq.params, seq.generator)
+            results.append((seq.request, seq.token))
+            if self._finished(seq):
+                self.free(seq)
         return results
 
-    def remove(self, request: object) -> None:
-        """Free the request's slot; the last slot moves into its row so active rows stay in front."""
-        index = next((i for i, s in enumerate(self.slots) if s.request is request), None)
-        if index is None:
-            return
-        last = len(self.slots) - 1
-        if index != last:
-            for layer in self.cache.layers:
-                layer.keys[index] = layer.keys[last]
-                layer.values[index] = layer.values[last]
-            self.mask[index] = self.mask[last]
-            self.slots[index] = self.slots[last]
-        self.mask[last].zero_()
-        self.slots.pop()
-        if not self.slots:
-            self.cache.cursor = 0
+    # -- preemption --------------------------------------------------------------------------------
+    def swap_out(self, seq: Sequence) -> None:
+        """Copy the sequence's keys and values to host memory and free its blocks."""
+        rows = self.pool.positions(seq.blocks, 0, seq.length).to(self.pool.keys[0].device)
+        seq.swapped = [(k[rows].cpu(), v[rows].cpu()) for k, v in zip(self.pool.keys, self.pool.values)]
+        self.free(seq)
 
-    def drain(self) -> list[object]:
-        """Drop every slot (after a failed step left the cache in an unknown state); return their handles."""
-        handles = [slot.request for slot in self.slots]
-        self.slots.clear()
-        self.mask.zero_()
-        self.cache.cursor = 0
-        return handles
-
-    def _compact(self, minimum: int) -> None:
-        """Right-align every slot's entries at a new cursor, dropping the holes."""
-        target = max([minimum] + [s.length for s in self.slots])
-        if target >= self.capacity:
-            raise RuntimeError(f"a sequence of {target} tokens does not fit the batch cache of {self.capacity}")
-        for row, slot in enumerate(self.slots):
-            valid = self.mask[row].nonzero().squeeze(1)
-            for layer in self.cache.layers:
-                layer.keys[row, :, target - slot.length : target] = layer.keys[row, :, valid].clone()
-                layer.values[row, :, target - slot.length : target] = layer.values[row, :, valid].clone()
-            self.mask[row].zero_()
-            self.mask[row, target - slot.length : target] = 1
-        self.cache.cursor = target
+    def swap_in(self, seq: Sequence) -> None:
+        """Give a swapped-out sequence blocks again and copy its keys and values back."""
+        assert seq.swapped is not None
+        self.start(seq)
+        rows = self.pool.positions(seq.blocks, 0, seq.length).to(self.pool.keys[0].device)
+        for (keys, values), (k, v) in zip(zip(self.pool.keys, self.pool.values), seq.swapped):
+            keys.index_copy_(0, rows, k.to(keys.device))
+            values.index_copy_(0, rows, v.to(values.device))
+        seq.swapped = None

@@ -127,6 +127,12 @@ class LlamaVidConfig:
             return self.video_mode == "long"
         return self.llama["rope_parameters"].get("rope_type", "default") != "default"
 
+    def tokens_per_frame(self, num_patches: int) -> int:
+        """Visual tokens per frame: the context token plus the content tokens of the pooled patches."""
+        tokens = 1 + num_patches  # EVA keeps CLS
+        drops_cls = self.select_feature == "patch" and tokens % 2 == 1
+        return 1 + self.compression.num_tokens(tokens - 1 if drops_cls else tokens)
+
     def to_official_dict(self, *, vision_tower: str = "./eva_vit_g.pth", image_processor: str = "./processor") -> dict:
         """``config.json`` in the released layout (plus our ``qformer_config`` for non-bert-base sizes)."""
         rope = self.llama["rope_parameters"]

@@ -73,7 +73,8 @@ class EvaVisionTower(InstructBlipVisionModel):
         return self.embeddings.num_patches
 
 
-def load_eva(path: Path, image_size: int, *, dtype: torch.dtype = torch.float32) -> EvaVisionTower:
+def load_eva(path: Path, image_size: int, *, dtype: torch.dtype = torch.float32,
+             device: torch.device | str | None = None) -> EvaVisionTower:
     """``eva_vit_g.pth`` -> the tower for ``image_size`` px input (the processor's crop size)."""
     if not Path(path).is_file():
         raise CheckpointError(
@@ -83,11 +84,12 @@ def load_eva(path: Path, image_size: int, *, dtype: torch.dtype = torch.float32)
     state = load_torch_file(path)
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    return eva_from_lavis(state, image_size, dtype=dtype, source=str(path))
+    return eva_from_lavis(state, image_size, dtype=dtype, device=device, source=str(path))
 
 
 def eva_from_lavis(
-    state: Mapping[str, torch.Tensor], image_size: int, *, dtype: torch.dtype, source: str = "EVA state"
+    state: Mapping[str, torch.Tensor], image_size: int, *, dtype: torch.dtype, device: torch.device | str | None = None,
+    source: str = "EVA state",
 ) -> EvaVisionTower:
     """Build on the meta device, then assign the LAVIS tensors (converted to ``dtype``) with a strict load."""
     width, depth, mlp_hidden, patch_size = lavis_dims(state, source)
@@ -95,7 +97,7 @@ def eva_from_lavis(
     kept["pos_embed"] = interpolate_pos_embed(kept["pos_embed"], image_size // patch_size)
     with torch.device("meta"):
         tower = EvaVisionTower(eva_config(width, depth, mlp_hidden, image_size, patch_size))
-    load_strict(tower, lavis_to_eva(kept, depth), dtype=dtype)
+    load_strict(tower, lavis_to_eva(kept, depth), dtype=dtype, device=device)
     return tower.eval()
 
 

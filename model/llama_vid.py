@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import InstructBlipQFormerModel, LlamaForCausalLM
 
-from .batching import BatchedDecoder
+from .batching import PagedDecoder
 from .config import LlamaVidConfig
 from .conversation import (
     IMAGE_PLACEHOLDER,
@@ -32,6 +32,7 @@ from .eva import EvaVisionTower
 from .frame_tokens import FrameTokens, LlamaVidVisualHead
 from .generate import GenerationDefaults, GenerationParams, generate_tokens, with_budget
 from .generation import Generation, TextDelta
+from .kv_cache import BlockPool
 from .preprocess import ClipPreprocessor
 from .qformer import QFormerTokenizer
 from .tokenizer import IMAGE_TOKEN_INDEX, LlamaTextTokenizer
@@ -102,10 +103,7 @@ class LlamaVid(nn.Module):
         return self.config.max_token
 
     def tokens_per_frame(self) -> int:
-        """Visual tokens per frame: the context token plus the content tokens of the pooled patches."""
-        tokens = 1 + self.vision.num_patches  # EVA keeps CLS
-        drops_cls = self.config.select_feature == "patch" and tokens % 2 == 1
-        return 1 + self.config.compression.num_tokens(tokens - 1 if drops_cls else tokens)
+        return self.config.tokens_per_frame(self.vision.num_patches)
 
     # -- vision ------------------------------------------------------------------------------
     def preprocess(self, frames, *, pad_to_square: bool = False) -> torch.Tensor:
@@ -229,9 +227,15 @@ class LlamaVid(nn.Module):
         """Token ids of one request decoded on its own (prefill, then one step per ``next``)."""
         return generate_tokens(self.llm, prepared.inputs_embeds, params, eos_id=self.tokenizer.eos_id)
 
-    def batch_decoder(self, max_slots: int, capacity: int) -> BatchedDecoder:
-        """A decoder stepping up to ``max_slots`` requests in one forward (``model.batching``)."""
-        return BatchedDecoder(self.llm, max_slots, capacity, eos_id=self.tokenizer.eos_id)
+    def paged_decoder(self, num_blocks: int, *, block_size: int = 16, prefill_chunk: int = 2048) -> PagedDecoder:
+        """A decoder that batches every running request in one forward over a paged KV cache of
+        ``num_blocks`` blocks (``model.batching``, ``model.kv_cache``), allocated here."""
+        llama = self.llm.config
+        head_dim = getattr(llama, "head_dim", None) or llama.hidden_size // llama.num_attention_heads
+        embed = self.llm.get_input_embeddings().weight  # never quantized: the KV cache's dtype and device
+        pool = BlockPool(llama.num_hidden_layers, num_blocks, block_size, llama.num_key_value_heads, head_dim,
+                         embed.dtype, embed.device)
+        return PagedDecoder(self.llm, pool, eos_id=self.tokenizer.eos_id, prefill_chunk=prefill_chunk)
 
     def stream(self, prepared: PreparedPrompt, params: GenerationParams) -> Iterator[TextDelta]:
         """Yield text deltas; the last one carries ``finish_reason``. Stop iterating to cancel."""

@@ -83,21 +83,21 @@ def load_llamavid(
     with init_empty_weights(include_buffers=False):
         qformer = build_qformer(config.qformer, config.mm_hidden_size)
         visual = LlamaVidVisualHead(config)
-    load_strict(qformer, split_state(state, "qformer."), dtype=dtype)
-    load_strict(visual, split_state(state, "visual."), dtype=dtype)
+    load_strict(qformer, split_state(state, "qformer."), dtype=dtype, device=device)
+    load_strict(visual, split_state(state, "visual."), dtype=dtype, device=device)
     if quantization == "none":
         from transformers import LlamaForCausalLM
 
         with init_empty_weights(include_buffers=False):
             llm = LlamaForCausalLM(config.llama_config())
-        load_strict(llm, split_state(state, "llm."), dtype=dtype)
-        llm = llm.to(device)
+        load_strict(llm, split_state(state, "llm."), dtype=dtype, device=device)
+        llm = llm.to(device)  # the buffers (RoPE frequencies) were built on the host
     else:
         llm = _load_quantized_llm(model_dir, config, device, dtype, quantization)
     del state
     llm.eval()
 
-    vision = load_eva(config.vision_tower_path, processor.crop_size, dtype=dtype)
+    vision = load_eva(config.vision_tower_path, processor.crop_size, dtype=dtype, device=device)
     fingerprint = encoder_fingerprint(config.vision_tower_path, processor, dtype)
     model = LlamaVid(
         config,

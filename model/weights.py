@@ -127,11 +127,14 @@ def load_checkpoint_state(model_dir: Path, *, skip_prefixes: tuple[str, ...] = (
     return state
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None) -> None:
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None,
+                device: torch.device | str | None = None) -> None:
     """``load_state_dict(assign=True)`` that names every missing or unexpected key.
 
     ``module`` may live on the meta device: assigned tensors replace the placeholders, and any
-    parameter still on meta afterwards is reported rather than silently left uninitialised.
+    parameter still on meta afterwards is reported rather than silently left uninitialised. Each
+    tensor is converted on its way to ``device``, one at a time, from the memory-mapped checkpoint,
+    so a 7B model is never copied whole in host memory on its way to the GPU.
     """
     expected = dict(module.state_dict())
     missing = sorted(k for k in expected if k not in state)
@@ -149,7 +152,7 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, dtype: 
         if tuple(tensor.shape) != tuple(ref.shape):
             raise CheckpointError(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(ref.shape)}")
         target = dtype if (dtype is not None and tensor.is_floating_point()) else ref.dtype
-        converted[key] = tensor.to(target) if tensor.dtype != target else tensor
+        converted[key] = tensor.to(device=device or tensor.device, dtype=target)
     module.load_state_dict(converted, strict=True, assign=True)
     on_meta = [name for name, p in module.named_parameters() if p.is_meta]
     if on_meta:

@@ -1,4 +1,4 @@
-"""The ``llamavid`` command line: serve, api, worker, ask, parity, make-tiny, train-demo, eval-demo, demo-clip.
+"""The ``llamavid`` command line: serve, api, worker, ask, plan, parity, make-tiny, train-demo, eval-demo, demo-clip.
 
 Each subcommand imports what it needs when it runs, so ``llamavid parity`` works without the
 server extras installed and ``llamavid --help`` is instant.
@@ -54,6 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--template", default="vicuna_v1")
     ask.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
 
+    plan = sub.add_parser("plan", help="how a checkpoint fits a GPU: weights, activation reserve, KV cache (JSON)",
+                          description="Work out the memory plan from config.json alone (no weights are read).")
+    plan.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+    plan.add_argument("--gpu-memory", required=True, help="device memory, e.g. 24GiB, 80GB (read as GiB)")
+    plan.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    plan.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    plan.add_argument("--gpu-memory-utilization", type=float, default=0.90)
+    plan.add_argument("--kv-cache-bytes", default=None, help="KV cache size, overriding the plan (e.g. 4GiB)")
+    plan.add_argument("--max-tokens-limit", type=int, default=2048, help="the largest max_tokens a request may ask")
+    plan.add_argument("--max-running", type=int, default=8)
+    plan.add_argument("--vision-tower", default=None, help="eva_vit_g.pth (its tensor shapes are read)")
+    plan.add_argument("--text", action="store_true", help="a table instead of JSON")
+
     parity = sub.add_parser("parity", help="compare against a reference case (../shared/parity/<case>)")
     parity.add_argument("--case", required=True, type=Path)
 
@@ -80,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "api": _run_server,
         "worker": _run_server,
         "ask": _ask,
+        "plan": _plan,
         "parity": _parity,
         "make-tiny": _make_tiny,
     }[args.command]
@@ -158,6 +172,25 @@ def _ask(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.config import LlamaVidConfig
+    from model.demo import default_model_dir
+    from model.loader import resolve_model_dir
+    from model.memory import parse_bytes, plan_memory
+
+    config = LlamaVidConfig.from_dir(resolve_model_dir(args.model or default_model_dir()), vision_tower=args.vision_tower)
+    plan = plan_memory(
+        config, device_bytes=parse_bytes(args.gpu_memory), utilization=args.gpu_memory_utilization,
+        dtype=getattr(torch, args.dtype), quantization=args.quantization,
+        kv_cache_bytes=parse_bytes(args.kv_cache_bytes) if args.kv_cache_bytes else None,
+        max_running=args.max_running, max_new_tokens=args.max_tokens_limit,
+    )
+    print(plan.table() if args.text else json.dumps(plan.as_dict(), indent=2))
+    return 0 if plan.fits else 1
 
 
 def _parity(args: argparse.Namespace) -> int:

@@ -20,6 +20,14 @@ def run(command: str, settings: Settings, *, log_level: str = "info") -> int:
         log.error("`llamavid %s` needs REDIS_URL (or LLAMAVID_REDIS_URL)%s", command,
                   "; use `llamavid serve` for one process" if command == "api" else "")
         return 2
+    if command in ("serve", "worker"):  # before anything starts: a model that cannot fit never reports ready
+        from .worker.loading import PlanError, check_plan, plan_for
+
+        try:
+            check_plan(plan_for(settings, hot_tier=command == "worker"), settings.model)
+        except PlanError as exc:
+            log.error("%s", exc)
+            return 2
     if command == "worker":
         from .worker.main import run_worker
 

@@ -107,6 +107,13 @@ class LlamaVidMetrics:
         self.num_requests_waiting = Gauge(
             "llamavid_num_requests_waiting",
             "Requests admitted by this process and not yet started.", registry=r)
+        self.kv_cache_usage = Gauge(
+            "llamavid_kv_cache_usage_perc",
+            "Fraction of the KV cache's blocks held by requests (1 = full), as vLLM names it.", registry=r)
+        self.num_preemptions = Counter(
+            "llamavid_num_preemptions",
+            "Requests preempted to free KV cache blocks (their keys and values wait in host memory).",
+            registry=r)
         self.queue_depth = Gauge(
             "llamavid_queue_depth",
             "Jobs waiting in a shared queue, as last seen by this process (aggregate with max).",

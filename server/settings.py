@@ -51,9 +51,19 @@ class Settings(BaseSettings):
     video_queue_size: int = Field(16, ge=1, description="video extractions waiting; then 429")
     request_timeout: float = Field(900.0, gt=0, description="seconds from arrival to the last token")
     encode_batch: int = Field(32, ge=1, description="frames decoded and encoded per step")
-    batch_capacity: int = Field(
-        8192, ge=0, description="positions per request in the shared decode batch; 0 decodes requests one by one"
-    )
+
+    # -- memory (see `llamavid plan`) ------------------------------------------------------------
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0, le=1, description="share of the GPU's memory the service may use; the KV cache gets what the "
+        "weights, the activation reserve and a GPU hot tier leave")
+    kv_cache_bytes: int | None = Field(
+        None, ge=0, description="KV cache size, overriding the plan; unset: what the plan leaves on a GPU, 1 GiB "
+        "on a CPU")
+    block_size: int = Field(16, ge=1, description="positions per KV cache block")
+    prefill_chunk: int = Field(2048, ge=16, description="prompt positions prefilled per forward (longer prompts "
+                               "take several, interleaved with decode steps)")
+    hot_tier_on_gpu: bool = Field(False, description="keep a worker's feature hot tier (cache_bytes) in GPU "
+                                  "memory rather than host memory; the plan counts it")
 
     # -- media fetching --------------------------------------------------------------------------
     allowed_media_hosts: Annotated[list[str], NoDecode] = Field(

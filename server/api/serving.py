@@ -60,14 +60,19 @@ def normalise_turns(turns: list[tuple[str, str]], settings: Settings) -> list[Tu
     return [Turn.model_validate(m) for m in merged]
 
 
-def check_context(conversation: Conversation, card: ModelCard) -> None:
-    """Refuse up front a video whose visual tokens alone cannot fit the model's context."""
+def check_context(conversation: Conversation, card: ModelCard, max_tokens: int) -> None:
+    """Refuse up front a question that cannot fit: its visual tokens in the model's context, or its
+    prompt and token budget in the KV cache (the most one question can hold)."""
     visual = conversation.frames * card.tokens_per_frame
     text = sum(len(m.content) for m in conversation.messages) // 4
     if visual + text >= card.context_length:
         raise APIError(400, f"{conversation.frames} frames x {card.tokens_per_frame} tokens = {visual} visual tokens "
                             f"do not fit the model's context of {card.context_length} tokens; lower fps or max_frames",
                        code="context_length_exceeded")
+    if min(visual + text + max_tokens, card.context_length) > card.kv_positions:  # budgets are clamped to the context
+        raise APIError(400, f"{visual} visual tokens + the text + max_tokens {max_tokens} need more positions than "
+                            f"this server's KV cache holds ({card.kv_positions}); ask with fewer frames or a "
+                            "smaller max_tokens", code="context_length_exceeded")
 
 
 def build_job(conversation: Conversation, options: SamplingOptions, settings: Settings, *,

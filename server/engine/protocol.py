@@ -44,6 +44,7 @@ class ModelCard:
     context_length: int
     device: str
     dtype: str
+    kv_positions: int  # what one question can use at most: the KV cache's positions (less a padding block)
 
 
 class EventStream:

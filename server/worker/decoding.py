@@ -1,147 +1,214 @@
-"""Where a request's tokens come from: the shared batched decoder, or a decoder of its own.
+"""Where a request's tokens come from: one scheduler over the paged KV cache.
 
-``Decoding`` owns the one ``BatchedDecoder`` of the process. It is built at warm-up, before the
-service reports ready, so concurrent first requests cannot race to create it. A request whose
-prompt and budget fit the batch cache is prefilled alone and then stepped with every other
-running request, one forward per generated token; one that does not fit decodes on its own. A
-decode step that raises (an out-of-memory error, say) fails every request it carried with a
-clear error, frees their slots and leaves an empty batch for the next requests.
+``Scheduler`` owns the process's ``PagedDecoder``, built at warm-up (before the service reports
+ready, so concurrent first requests cannot race to create it), and runs one loop:
+
+* admit waiting requests while fewer than ``max_running`` run and the blocks of their prompt (plus
+  one block for each running request to grow into) are free; a preempted request comes first;
+* prefill one chunk of the oldest admitted prompt, then step every running request together, and
+  again: a long prompt never stalls the others for more than one chunk;
+* when a step needs blocks that are not free, preempt the newest running request: its keys and
+  values move to host memory and it waits at the head of the queue, to resume exactly where it was.
+
+A request whose prompt and budget can never fit the cache fails at once, naming the numbers. A
+forward that raises (an out-of-memory error, say) fails exactly the requests it carried, frees their
+blocks and leaves the rest running. All decoder work runs on the model thread; the bookkeeping
+between forwards runs in the loop, when no forward is in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from typing import Protocol
+from collections import deque
 
 import torch
 
-from model.batching import BatchedDecoder
+from model.batching import PagedDecoder, Sequence
 from model.generate import GenerationParams
 from model.llama_vid import LlamaVid, PreparedPrompt
 
+from ..metrics import LlamaVidMetrics
 from .model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 
 
 class DecodeFailure(Exception):
-    """Generation failed on the device; ``status`` is what the client's error event carries."""
+    """Generation failed, or cannot happen; ``status`` is what the client's error event carries."""
 
-    def __init__(self, cause: BaseException) -> None:
-        self.out_of_memory = isinstance(cause, torch.cuda.OutOfMemoryError)
-        if self.out_of_memory:
-            self.status, self.code = 503, "out_of_memory"
-            message = "the GPU ran out of memory while generating; retry, or ask with fewer frames or max_tokens"
-        else:
-            self.status, self.code = 500, "decode_failed"
-            message = f"generation failed: {type(cause).__name__}: {cause}"
+    def __init__(self, status: int, code: str, message: str, *, out_of_memory: bool = False) -> None:
         super().__init__(message)
-        self.message = message
+        self.status, self.code, self.message, self.out_of_memory = status, code, message, out_of_memory
+
+    @classmethod
+    def from_exception(cls, cause: BaseException) -> DecodeFailure:
+        if isinstance(cause, torch.cuda.OutOfMemoryError):
+            return cls(503, "out_of_memory", "the GPU ran out of memory while generating; retry, or ask with fewer "
+                       "frames or max_tokens", out_of_memory=True)
+        return cls(500, "decode_failed", f"generation failed: {type(cause).__name__}: {cause}")
 
 
-class TokenSource(Protocol):
-    async def next(self) -> int: ...
-    async def close(self) -> None: ...
+class Tokens:
+    """One request's place in the scheduler: wait for admission, then read its tokens one by one."""
 
+    def __init__(self, scheduler: Scheduler, prepared: PreparedPrompt, params: GenerationParams) -> None:
+        self.scheduler = scheduler
+        self.seq: Sequence = scheduler.decoder.sequence(self, prepared.inputs_embeds, params)
+        self._admitted = asyncio.Event()
+        self._queue: asyncio.Queue[int | DecodeFailure] = asyncio.Queue()
+        self.closed = False
 
-class Decoding:
-    def __init__(self, model: LlamaVid, thread: ModelThread, *, max_slots: int, capacity: int) -> None:
-        self.model = model
-        self.thread = thread
-        self.max_slots = max_slots
-        self.capacity = capacity  # positions per slot of the shared cache; 0 decodes every request alone
-        self.batch: BatchedDecoder | None = None
-        self._loop: asyncio.Task | None = None
-
-    async def start(self) -> None:
-        if self.capacity > 0 and self.batch is None:
-            capacity = min(2 * self.model.context_length, self.capacity)
-            self.batch = await self.thread(self.model.batch_decoder, self.max_slots, capacity)
-
-    def open(self, prepared: PreparedPrompt, params: GenerationParams) -> TokenSource:
-        batch = self.batch
-        if batch is not None and batch.fits(prepared.num_prompt_tokens, params.max_new_tokens):
-            return _BatchedTokens(self, prepared.inputs_embeds, params)
-        return _SingleTokens(self.thread, self.model.tokens(prepared, params))
-
-    def ensure_stepping(self) -> None:
-        if self._loop is None or self._loop.done():
-            self._loop = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        """One batched decode step after another while any request holds a slot."""
-        batch = self.batch
-        assert batch is not None
-        while batch.active:
-            try:
-                results = await self.thread(batch.step)
-            except Exception as exc:
-                log.exception("a batched decode step failed; failing the %d requests it carried", batch.active)
-                failure = DecodeFailure(exc)
-                for handle in await self.thread(_drain, batch, failure.out_of_memory):
-                    handle.fail(failure)
-                continue
-            for handle, token in results:
-                handle.deliver(token)
-
-
-def _drain(batch: BatchedDecoder, out_of_memory: bool) -> list:
-    handles = batch.drain()
-    if out_of_memory and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return handles
-
-
-class _SingleTokens:
-    """A request decoded on its own (it does not fit the batch cache)."""
-
-    def __init__(self, thread: ModelThread, tokens: Iterator[int]) -> None:
-        self.thread, self.tokens = thread, tokens
-
-    async def next(self) -> int:
-        try:
-            return await self.thread(next, self.tokens)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise DecodeFailure(exc) from exc
-
-    async def close(self) -> None:
-        await self.thread(self.tokens.close)
-
-
-class _BatchedTokens:
-    """A request in the shared batch: prefilled alone, then stepped with the others."""
-
-    def __init__(self, decoding: Decoding, inputs_embeds: torch.Tensor, params: GenerationParams) -> None:
-        self.decoding, self.inputs_embeds, self.params = decoding, inputs_embeds, params
-        self.queue: asyncio.Queue[int | DecodeFailure] = asyncio.Queue()
-        self.added = False
+    def admit(self) -> None:
+        self._admitted.set()
 
     def deliver(self, token: int) -> None:
-        self.queue.put_nowait(token)
+        self._queue.put_nowait(token)
 
     def fail(self, failure: DecodeFailure) -> None:
-        self.queue.put_nowait(failure)
+        self._admitted.set()
+        self._queue.put_nowait(failure)
+
+    async def admitted(self) -> None:
+        """Return once the request holds room in the KV cache (or has failed: ``next`` raises then)."""
+        await self._admitted.wait()
 
     async def next(self) -> int:
-        batch = self.decoding.batch
-        assert batch is not None
-        if not self.added:
-            self.added = True
-            try:
-                token = await self.decoding.thread(batch.add, self, self.inputs_embeds, self.params)
-            except torch.cuda.OutOfMemoryError as exc:
-                raise DecodeFailure(exc) from exc
-            self.inputs_embeds = None  # the prompt lives in the batch cache now
-            self.decoding.ensure_stepping()
-            return token
-        item = await self.queue.get()
+        item = await self._queue.get()
         if isinstance(item, DecodeFailure):
             raise item
         return item
 
     async def close(self) -> None:
-        batch = self.decoding.batch
-        if self.added and batch is not None:
-            await self.decoding.thread(batch.remove, self)
+        self.closed = True
+        self.scheduler.wake()
+
+
+class Scheduler:
+    def __init__(self, model: LlamaVid, thread: ModelThread, metrics: LlamaVidMetrics, *, num_blocks: int,
+                 block_size: int, prefill_chunk: int, max_running: int) -> None:
+        self.model = model
+        self.thread = thread
+        self.metrics = metrics
+        self.num_blocks, self.block_size, self.prefill_chunk = num_blocks, block_size, prefill_chunk
+        self.max_running = max_running
+        self.decoder: PagedDecoder | None = None
+        self.waiting: deque[Tokens] = deque()
+        self.prefilling: deque[Tokens] = deque()
+        self.running: list[Tokens] = []
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.decoder = await self.thread(lambda: self.model.paged_decoder(
+            self.num_blocks, block_size=self.block_size, prefill_chunk=self.prefill_chunk))
+        self._loop = asyncio.ensure_future(self._run())
+        self._report()
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def positions(self) -> int:
+        """Positions the KV cache holds (what a single request can use at most)."""
+        return (self.num_blocks - 1) * self.block_size
+
+    def open(self, prepared: PreparedPrompt, params: GenerationParams) -> Tokens:
+        assert self.decoder is not None, "start() the scheduler first"
+        tokens = Tokens(self, prepared, params)
+        if not self.decoder.fits_ever(tokens.seq):
+            need = tokens.seq.positions_needed
+            tokens.fail(DecodeFailure(400, "context_length_exceeded", (
+                f"this question needs {need} positions ({tokens.seq.prompt_len} of prompt and max_tokens "
+                f"{params.max_new_tokens}); this server's KV cache holds {self.positions}: ask with fewer frames "
+                "or a smaller max_tokens")))
+        else:
+            self.waiting.append(tokens)
+            self.wake()
+        return tokens
+
+    # -- the loop ----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self.waiting or self.prefilling or self.running:
+                self._reap()
+                await self._admit()
+                if self.prefilling:
+                    await self._prefill()
+                if self.running:
+                    await self._step()
+                self._report()
+                await asyncio.sleep(0)  # let the requests' consumers take their tokens
+
+    def _reap(self) -> None:
+        """Forget the requests whose consumers left; free their blocks."""
+        for queue in (self.waiting, self.prefilling, self.running):
+            for tokens in [t for t in queue if t.closed]:
+                queue.remove(tokens)
+                self.decoder.free(tokens.seq)
+                tokens.seq.swapped = None
+
+    async def _admit(self) -> None:
+        decoder, pool = self.decoder, self.decoder.pool
+        while self.waiting and len(self.running) + len(self.prefilling) < self.max_running:
+            tokens = self.waiting[0]
+            if pool.free_blocks < decoder.blocks_to_start(tokens.seq) + len(self.running):
+                return  # first come, first served: the head waits for room, the others behind it
+            self.waiting.popleft()
+            if tokens.seq.swapped is not None:
+                await self.thread(decoder.swap_in, tokens.seq)
+                self.running.append(tokens)
+            else:
+                decoder.start(tokens.seq)
+                self.prefilling.append(tokens)
+            tokens.admit()
+
+    async def _prefill(self) -> None:
+        tokens = self.prefilling[0]
+        try:
+            token = await self.thread(self.decoder.prefill, tokens.seq)
+        except Exception as exc:
+            log.exception("a prefill failed")
+            self.prefilling.popleft()
+            self.decoder.free(tokens.seq)
+            tokens.fail(DecodeFailure.from_exception(exc))
+            return
+        if token is None:
+            return
+        self.prefilling.popleft()
+        tokens.deliver(token)
+        if tokens.seq.blocks:  # not ended by its first token
+            self.running.append(tokens)
+
+    async def _step(self) -> None:
+        decoder, pool = self.decoder, self.decoder.pool
+        while sum(decoder.needs_block(t.seq) for t in self.running) > pool.free_blocks:
+            victim = self.running.pop()  # the newest: it has waited least and holds least
+            await self.thread(decoder.swap_out, victim.seq)
+            self.waiting.appendleft(victim)
+            self.metrics.num_preemptions.inc()
+        try:
+            results = await self.thread(decoder.step, [t.seq for t in self.running])
+        except Exception as exc:
+            log.exception("a batched decode step failed; failing the %d requests it carried", len(self.running))
+            failure = DecodeFailure.from_exception(exc)
+            for tokens in self.running:
+                decoder.free(tokens.seq)
+                tokens.fail(failure)
+            self.running = []
+            if failure.out_of_memory and torch.cuda.is_available():
+                await self.thread(torch.cuda.empty_cache)
+            return
+        for tokens, token in results:
+            tokens.deliver(token)
+        self.running = [t for t in self.running if t.seq.blocks]
+
+    def _report(self) -> None:
+        if self.decoder is not None:
+            self.metrics.kv_cache_usage.set(self.decoder.pool.usage())

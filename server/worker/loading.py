@@ -1,4 +1,9 @@
-"""Loading the model a worker serves, from settings, and describing it (the model card)."""
+"""Loading the model a worker serves, from settings: first its memory plan, then the weights, then its card.
+
+The plan (``model.memory``) is worked out from the checkpoint's config before any weight is read;
+one that does not fit the device stops the process there, with the plan in the message, rather
+than on the first question.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from pathlib import Path
 import torch
 
 from model import demo
+from model.config import LlamaVidConfig
 from model.llama_vid import LlamaVid
-from model.loader import load_llamavid
+from model.loader import default_dtype, load_llamavid, resolve_model_dir
+from model.memory import GiB, MemoryPlan, host_memory_bytes, plan_memory
 
 from ..engine.protocol import ModelCard
 from ..settings import Settings
@@ -17,6 +24,11 @@ from ..settings import Settings
 log = logging.getLogger(__name__)
 
 BANNER = "=" * 78
+CPU_KV_CACHE_BYTES = 1 * GiB  # a CPU's "device memory" is the host's: take a modest share unless told
+
+
+class PlanError(RuntimeError):
+    """The model does not fit the device as configured; the message holds the plan."""
 
 
 def resolve_device(setting: str | None) -> torch.device:
@@ -25,7 +37,38 @@ def resolve_device(setting: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
+def plan_for(settings: Settings, *, hot_tier: bool = False) -> MemoryPlan:
+    """The memory plan of ``settings`` on its device (``hot_tier``: this process keeps the feature hot
+    tier, which counts when it lives on the GPU)."""
+    device = resolve_device(settings.device)
+    model_dir = resolve_model_dir(settings.model or demo.default_model_dir())
+    config = LlamaVidConfig.from_dir(model_dir, vision_tower=settings.vision_tower,
+                                     image_processor=settings.image_processor)
+    if device.type == "cuda":
+        total, kv = torch.cuda.get_device_properties(device).total_memory, settings.kv_cache_bytes
+    else:
+        total, kv = host_memory_bytes(), settings.kv_cache_bytes or CPU_KV_CACHE_BYTES
+    return plan_memory(
+        config, device_bytes=total, utilization=settings.gpu_memory_utilization,
+        dtype=getattr(torch, settings.dtype) if settings.dtype else default_dtype(device),
+        quantization=settings.quantization, kv_cache_bytes=kv,
+        hot_tier_bytes=settings.cache_bytes if hot_tier and settings.hot_tier_on_gpu and device.type == "cuda" else 0,
+        encode_batch=settings.encode_batch, prefill_chunk=settings.prefill_chunk, max_running=settings.max_running,
+        max_new_tokens=settings.max_tokens_limit, block_size=settings.block_size,
+    )
+
+
+def check_plan(plan: MemoryPlan, model: str | None) -> None:
+    if not plan.fits:
+        raise PlanError(f"{model or 'the demo model'} does not fit this device as configured: {plan.reason}\n"
+                        f"{plan.table()}\n(see `llamavid plan --help`: --quantization 4bit, --max-tokens-limit, "
+                        "--kv-cache-bytes, --gpu-memory-utilization)")
+
+
+def load_model(settings: Settings, *, hot_tier: bool = False) -> tuple[LlamaVid, ModelCard, MemoryPlan]:
+    plan = plan_for(settings, hot_tier=hot_tier)
+    check_plan(plan, settings.model)
+    log.info("memory plan:\n%s", plan.table())
     model_dir = settings.model or str(demo.default_model_dir())
     device = resolve_device(settings.device)
     dtype = getattr(torch, settings.dtype) if settings.dtype else None
@@ -41,16 +84,17 @@ def load_model(settings: Settings) -> tuple[LlamaVid, ModelCard]:
     elif demo_kind == "trained":
         log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
                     "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s", BANNER, model_dir, BANNER)
-    return model, describe(model, model_dir)
+    return model, describe(model, model_dir, plan), plan
 
 
-def describe(model: LlamaVid, model_dir: str | Path) -> ModelCard:
+def describe(model: LlamaVid, model_dir: str | Path, plan: MemoryPlan) -> ModelCard:
     """The card ``/v1/models`` shows and workers advertise."""
     demo_kind = _demo_kind(str(model_dir))
     return ModelCard(
         id=_model_id(str(model_dir), demo_kind), path=str(model_dir), demo=demo_kind,
         tokens_per_frame=model.tokens_per_frame(), context_length=model.context_length,
         device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
+        kv_positions=(plan.num_blocks - 1) * plan.block_size,
     )
 
 

@@ -102,13 +102,14 @@ class LocalEngine:
 
 async def local_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> LocalEngine:
     """Model, in-memory feature cache, media folder and video registry, all in this process."""
-    model, card = await asyncio.to_thread(load_model, settings)
+    model, card, plan = await asyncio.to_thread(load_model, settings)
     store = MemoryFeatureStore(settings.cache_bytes)
     cache_metrics = CacheMetrics(metrics, store)
     registry = MemoryVideoRegistry()
     media = DiskMediaStore(settings.media_dir, settings.media_bytes)
-    runner = ModelRunner(model, store, media, registry, metrics, max_running=settings.max_running,
-                         encode_batch=settings.encode_batch, batch_capacity=settings.batch_capacity,
+    runner = ModelRunner(model, store, media, registry, metrics, num_blocks=plan.num_blocks,
+                         block_size=plan.block_size, prefill_chunk=settings.prefill_chunk,
+                         max_running=settings.max_running, encode_batch=settings.encode_batch,
                          template=settings.template, on_cache_access=cache_metrics.sync)
     await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)

@@ -34,9 +34,10 @@ async def _main(settings: Settings) -> int:
     metrics = LlamaVidMetrics()
     metrics.serve_http(settings.worker_metrics_port)
     redis = connect(settings.redis_url)
-    model, card = await asyncio.to_thread(load_model, settings)
+    model, card, plan = await asyncio.to_thread(load_model, settings, hot_tier=True)
     device = resolve_device(settings.device)
-    hot = MemoryFeatureStore(settings.cache_bytes, device=device if device.type == "cuda" else None)
+    on_gpu = settings.hot_tier_on_gpu and device.type == "cuda"  # the plan counted it there
+    hot = MemoryFeatureStore(settings.cache_bytes, device=device if on_gpu else None)
     cold = RedisFeatureStore(redis, namespace=settings.redis_namespace, ttl_seconds=settings.cache_ttl_seconds,
                              fmt=settings.feature_format)
     store = TieredFeatureStore(hot, cold)
@@ -44,8 +45,9 @@ async def _main(settings: Settings) -> int:
     runner = ModelRunner(
         model, store, RedisMediaStore(redis, settings.redis_namespace, settings.cache_ttl_seconds),
         RedisVideoRegistry(redis, settings.redis_namespace, settings.cache_ttl_seconds), metrics,
-        max_running=settings.max_running, encode_batch=settings.encode_batch, batch_capacity=settings.batch_capacity,
-        template=settings.template, stall_timeout=settings.visibility_timeout, on_cache_access=cache_metrics.sync,
+        num_blocks=plan.num_blocks, block_size=plan.block_size, prefill_chunk=settings.prefill_chunk,
+        max_running=settings.max_running, encode_batch=settings.encode_batch, template=settings.template,
+        stall_timeout=settings.visibility_timeout, on_cache_access=cache_metrics.sync,
     )
     await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from cache import FeatureStore, MemoryFeatureStore
 from cache.keys import digest_bytes
 from model.llama_vid import LlamaVid
+from model.memory import host_memory_bytes, plan_memory
 
 from ..engine.events import DeltaEvent, ErrorEvent
 from ..engine.jobs import MediaRef, QuestionJob, Sampling, SamplingParams, Turn, new_id
@@ -34,22 +35,25 @@ T = TypeVar("T")
 
 class OfflineEngine:
     def __init__(self, model: LlamaVid, *, store: FeatureStore | None = None, fps: float = 1.0,
-                 max_frames: int | None = None, timeout: float = 600.0) -> None:
+                 max_frames: int | None = None, timeout: float = 600.0, kv_cache_bytes: int = 1 << 30) -> None:
         self.sampling = Sampling(fps=fps, max_frames=max_frames)
         self.timeout = timeout
         self._media_dir = tempfile.TemporaryDirectory(prefix="llamavid-offline-")
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="llamavid-offline", daemon=True)
         self._thread.start()
-        self.engine = self._run(self._start(model, store or MemoryFeatureStore(4 << 30)))
+        self.engine = self._run(self._start(model, store or MemoryFeatureStore(4 << 30), kv_cache_bytes))
 
-    async def _start(self, model: LlamaVid, store: FeatureStore) -> LocalEngine:
+    async def _start(self, model: LlamaVid, store: FeatureStore, kv_cache_bytes: int) -> LocalEngine:
         metrics = LlamaVidMetrics()
         registry = MemoryVideoRegistry()
         media = DiskMediaStore(self._media_dir.name, 8 << 30)
-        runner = ModelRunner(model, store, media, registry, metrics)
+        plan = plan_memory(model.config, device_bytes=host_memory_bytes(), dtype=model.llm.dtype,
+                           kv_cache_bytes=kv_cache_bytes)
+        runner = ModelRunner(model, store, media, registry, metrics, num_blocks=plan.num_blocks,
+                             block_size=plan.block_size)
         await runner.start()
-        card = describe(model, model.config.model_dir)
+        card = describe(model, model.config.model_dir, plan)
         return LocalEngine(runner, card, registry, media, metrics, queue_size=64, max_running=8, video_queue_size=16)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:

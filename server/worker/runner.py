@@ -28,7 +28,7 @@ from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, R
 from ..engine.jobs import JOB_VERSION, QuestionJob, VideoJob
 from ..engine.storage import MediaStore, VideoRegistry
 from ..metrics import LlamaVidMetrics, LlamaVidRequestMetrics
-from .decoding import DecodeFailure, Decoding
+from .decoding import DecodeFailure, Scheduler
 from .features import Emit, FeatureSource, JobError
 from .model_thread import ModelThread
 
@@ -47,12 +47,14 @@ class ModelRunner:
         registry: VideoRegistry,
         metrics: LlamaVidMetrics,
         *,
+        num_blocks: int,
+        block_size: int = 16,
+        prefill_chunk: int = 2048,
         max_running: int = 8,
         encode_batch: int = 32,
         stall_timeout: float = 60.0,
         template: str = "vicuna_v1",
         on_cache_access: Callable[[], None] | None = None,
-        batch_capacity: int = 8192,
     ) -> None:
         self.model = model
         self.store = store
@@ -61,15 +63,16 @@ class ModelRunner:
         self.thread = ModelThread()
         self.features = FeatureSource(model, store, media, registry, metrics, self.thread, encode_batch=encode_batch,
                                       stall_timeout=stall_timeout, on_cache_access=on_cache_access or (lambda: None))
-        self.decoding = Decoding(model, self.thread, max_slots=max_running, capacity=batch_capacity)
-        self._running = asyncio.Semaphore(max_running)
+        self.scheduler = Scheduler(model, self.thread, metrics, num_blocks=num_blocks, block_size=block_size,
+                                   prefill_chunk=prefill_chunk, max_running=max_running)
 
     async def start(self) -> None:
-        """Warm up (so the first user does not pay for lazy initialisation) and build the decode batch."""
+        """Warm up (so the first user does not pay for lazy initialisation) and allocate the KV cache."""
         await self.thread(warmup, self.model)
-        await self.decoding.start()
+        await self.scheduler.start()
 
     def close(self) -> None:
+        self.scheduler.close()
         self.thread.close()
 
     async def extract(self, job: VideoJob) -> None:
@@ -85,12 +88,7 @@ class ModelRunner:
         try:
             with tracker:
                 visual, timestamps = await self._visual(job, emit)
-                await _before(job.deadline, self._running.acquire(), "waiting for a free slot")
-                try:
-                    tracker.start()
-                    reason = await self._generate(job, visual, timestamps, emit, cancelled, tracker)
-                finally:
-                    self._running.release()
+                reason = await self._generate(job, visual, timestamps, emit, cancelled, tracker)
                 tracker.finish(reason)
         except JobError as exc:
             await emit(exc.event)
@@ -135,9 +133,11 @@ class ModelRunner:
         if job.relevance and prepared.relevance is not None:
             await emit(RelevanceEvent(frames=relevance_frames(prepared.relevance, timestamps)))
         generation = self.model.generation(params)
-        tokens = self.decoding.open(prepared, params)
+        tokens = self.scheduler.open(prepared, params)
         chars = 0  # of answer text emitted so far
         try:
+            await _before(job.deadline, tokens.admitted(), "waiting for room in the KV cache")
+            tracker.start()
             while True:
                 if await _is_set(cancelled):
                     return "abort"

@@ -16,6 +16,8 @@ EXPECTED_NAMES = [
     "llamavid_num_requests_running",
     "llamavid_num_requests_waiting",
     "llamavid_queue_depth",
+    "llamavid_kv_cache_usage_perc",
+    "llamavid_num_preemptions_total",
     "llamavid_prompt_tokens_total",
     "llamavid_visual_tokens_total",
     "llamavid_generation_tokens_total",

@@ -63,9 +63,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
                            settings: ServerSettings):
     card = await require_card(engine)
     conversation = await conversation_from_chat(req, ingest, settings)
-    check_context(conversation, card)
     job = build_job(conversation, req, settings, max_tokens=req.max_tokens or req.max_completion_tokens,
                     template=req.template)
+    check_context(conversation, card, job.sampling.max_tokens)
     events, stream = await start(engine, job, request)
     completion_id = "chatcmpl-" + job.request_id.split("-", 1)[1]
     created = int(time.time())

@@ -47,7 +47,7 @@ async def models(engine: Engine) -> dict:
         "id": card.id, "object": "model", "created": int(time.time()), "owned_by": "llamavid",
         "root": card.path, "max_model_len": card.context_length,
         "llamavid": {"tokens_per_frame": card.tokens_per_frame, "device": card.device, "dtype": card.dtype,
-                     "demo": card.demo},
+                     "demo": card.demo, "kv_positions": card.kv_positions},
     }
     if card.demo == "random":
         entry["llamavid"]["warning"] = "random demo weights: answers are noise. Start with --model DIR for real answers."

@@ -142,8 +142,8 @@ async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest,
     elif req.image_url:
         conversation.media = await ingest.image_from_url(req.image_url, field="image_url")
         conversation.frames = 1
-    check_context(conversation, card)
     job = build_job(conversation, req, settings, max_tokens=req.max_tokens, template=req.template)
+    check_context(conversation, card, job.sampling.max_tokens)
     events, stream = await start(engine, job, request)
     if req.stream:
         return EventSourceResponse(ask_events(events, stream, conversation.video_id), ping=15)
