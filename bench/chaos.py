@@ -67,7 +67,8 @@ class Chaos:
         content: list | str = question
         if video is not None:
             content = [{"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": question}]
-        return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0}
+        return {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                "temperature": 0}
 
     def upload(self) -> None:
         def put(path: Path) -> str | None:
@@ -116,7 +117,8 @@ class Chaos:
             else:
                 kind = "hung"
             self.outcomes[kind] += 1
-            if kind in ("duplicated", "hung") and len(self.examples) < 10:
+            unexpected = kind in ("duplicated", "hung") or (out.error or {}).get("code") == "internal_error"
+            if unexpected and len(self.examples) < 10:
                 self.examples.append({"kind": kind, "text": out.text[:200], "expected": expected[:200],
                                       "error": out.error})
 
@@ -144,7 +146,8 @@ class Chaos:
         while time.monotonic() - started < 120:
             try:
                 reply = httpx.post(self.d.url + "/v1/chat/completions", timeout=30,
-                                   json={"messages": [{"role": "user", "content": "Still there?"}], "max_tokens": 4})
+                                   json={"messages": [{"role": "user", "content": "Still there?"}],
+                                         "max_tokens": 4})
                 if reply.status_code == 200:
                     return round(time.monotonic() - started, 2)
             except httpx.HTTPError:
@@ -157,7 +160,8 @@ def start_worker(d: Deployment, index: int) -> Worker:
     port = free_port()
     env = {k: v for k, v in d.api.env.items() if k.startswith("LLAMAVID_") and k not in ("LLAMAVID_PORT",
                                                                                          "LLAMAVID_HOST")}
-    process = spawn("worker", {**env, "LLAMAVID_WORKER_METRICS_PORT": str(port)}, d.tmp / f"worker-{index}.log")
+    process = spawn("worker", {**env, "LLAMAVID_WORKER_METRICS_PORT": str(port)},
+                    d.tmp / f"worker-{index}.log")
     return Worker(process, port)
 
 
@@ -201,7 +205,8 @@ def main() -> int:
             private.stop()
     result = {
         "minutes": args.minutes, "clients": args.clients, "seed": args.seed,
-        "requests": sum(chaos.outcomes.values()), "outcomes": dict(chaos.outcomes), "error_codes": dict(chaos.errors),
+        "requests": sum(chaos.outcomes.values()), "outcomes": dict(chaos.outcomes),
+        "error_codes": dict(chaos.errors),
         "faults": dict(chaos.faults), "faults_total": sum(chaos.faults.values()),
         "recovery_seconds": {"median": statistics.median(chaos.recovery) if chaos.recovery else None,
                              "max": max(chaos.recovery) if chaos.recovery else None, "all": chaos.recovery},

@@ -98,14 +98,16 @@ def build(preset: str, device: torch.device, dtype: torch.dtype) -> LlamaVid:
         sp = train_sentencepiece(lines, min(spec.vocab, 1000), Path(tmp) / "tokenizer.model")
         qdir = Path(tmp) / "qformer_tokenizer"
         qdir.mkdir()
-        vocab = write_wordpiece_vocab(lines, qdir / "vocab.txt", size=30522 if spec.qformer.vocab_size == 30523 else None)
+        vocab = write_wordpiece_vocab(lines, qdir / "vocab.txt",
+                                      size=30522 if spec.qformer.vocab_size == 30523 else None)
         with torch.device(device):
             model = build_random_llamavid(spec, sp, vocab, seed=0, dtype=dtype)
     return model.to(device).requires_grad_(False)
 
 
 def prompts(model: LlamaVid, frames: int, count: int) -> list:
-    """``count`` prepared prompts about a ``frames``-frame video (different questions, so different tokens)."""
+    """``count`` prepared prompts about a ``frames``-frame video (different questions, so different
+    tokens)."""
     features = torch.randn(frames, 1 + model.vision.num_patches, model.config.mm_hidden_size,
                            dtype=torch.float16)
     out = []
@@ -197,17 +199,21 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--profile", action="store_true", help="only profile decode steps (batched vs alone) and stop")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile decode steps (batched vs alone) and stop")
     args = parser.parse_args()
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / (("gpu" if args.preset == "7b" else f"gpu-{args.preset}") + ("-profile" if args.profile else "") + ".json")
+    out = out_dir / (("gpu" if args.preset == "7b" else f"gpu-{args.preset}")
+                     + ("-profile" if args.profile else "") + ".json")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result: dict = {
-        "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype), "args": vars(args),
+        "preset": args.preset,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
+        "args": vars(args),
     }
 
     def save() -> None:
@@ -247,8 +253,10 @@ def main() -> int:
         fps = args.eva_batch / seconds
         tflops = fps * eva_flops_per_frame(model) / 1e12
         ceiling = result.get("matmul_ceiling", {}).get("tflops")
-        return {"batch": args.eva_batch, "frames_per_s": round(fps, 1), "tflop_per_frame": round(eva_flops_per_frame(model) / 1e12, 3),
-                "achieved_tflops": round(tflops, 1), "share_of_matmul_ceiling": round(tflops / ceiling, 3) if ceiling else None}
+        return {"batch": args.eva_batch, "frames_per_s": round(fps, 1),
+                "tflop_per_frame": round(eva_flops_per_frame(model) / 1e12, 3),
+                "achieved_tflops": round(tflops, 1),
+                "share_of_matmul_ceiling": round(tflops / ceiling, 3) if ceiling else None}
 
     if not args.profile:
         phase("eva", eva)
@@ -282,16 +290,22 @@ def main() -> int:
         phase("prefill", prefill)
 
     def plan_phase() -> dict:
-        device_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 8 << 30
+        device_bytes = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                        else 8 << 30)
         v = model.vision.config
-        plan = plan_memory(model.config, device_bytes=device_bytes, dtype=dtype, max_new_tokens=args.new_tokens + 1,
+        plan = plan_memory(model.config, device_bytes=device_bytes, dtype=dtype,
+                           max_new_tokens=args.new_tokens + 1,
                            kv_cache_bytes=None if device.type == "cuda" else 1 << 30,
                            eva_dims=(v.hidden_size, v.num_hidden_layers, v.intermediate_size, v.patch_size))
         planned.append(plan)
-        return {"weights_gib": round(plan.weights_bytes / 2**30, 2), "activation_gib": round(plan.activation_bytes / 2**30, 2),
-                "kv_cache_gib": round(plan.kv_cache_bytes / 2**30, 2), "kv_bytes_per_token": plan.kv_bytes_per_token,
-                "max_concurrent_tokens": plan.max_concurrent_tokens, "questions_of_300_frames": plan.questions_at_once(300),
-                "planned_total_gib": round((plan.weights_bytes + plan.activation_bytes + plan.kv_cache_bytes) / 2**30, 2)}
+        return {"weights_gib": round(plan.weights_bytes / 2**30, 2),
+                "activation_gib": round(plan.activation_bytes / 2**30, 2),
+                "kv_cache_gib": round(plan.kv_cache_bytes / 2**30, 2),
+                "kv_bytes_per_token": plan.kv_bytes_per_token,
+                "max_concurrent_tokens": plan.max_concurrent_tokens,
+                "questions_of_300_frames": plan.questions_at_once(300),
+                "planned_total_gib": round((plan.weights_bytes + plan.activation_bytes + plan.kv_cache_bytes)
+                                           / 2**30, 2)}
 
     planned: list = []
     phase("plan", plan_phase)

@@ -64,12 +64,14 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=args.layers,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     llm = LlamaForCausalLM(config).eval()
     per_token = kv_bytes_per_token(config, torch.float32)
     block_size, capacity_positions = 16, 16384
-    pool = BlockPool(args.layers, capacity_positions // block_size + 1, block_size, 32, 128, torch.float32, "cpu")
+    pool = BlockPool(args.layers, capacity_positions // block_size + 1, block_size, 32, 128, torch.float32,
+                     "cpu")
     decoder = PagedDecoder(llm, pool, eos_id=-1)
     with torch.inference_mode():
         prompts = [llm.get_input_embeddings()(torch.randint(3, 32000, (1, args.prompt))) for _ in range(8)]
@@ -120,11 +122,14 @@ def main() -> int:
     alone = 8 * args.new_tokens / (prefill_started - started - prefill_seconds)
 
     result = {
-        "model": f"LLaMA {args.layers} layers at Vicuna-7B width (4096, 32 x 128 heads, 11008, vocab 32000), fp32",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "model": f"LLaMA {args.layers} layers at Vicuna-7B width "
+                 "(4096, 32 x 128 heads, 11008, vocab 32000), fp32",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   f"torch {torch.__version__}",
         "kv_bytes_per_position": per_token,
         "pool_reserved_bytes": capacity_positions * per_token,
-        "slot_cache_at_old_defaults_bytes": 8 * 8192 * per_token,  # 8 slots x 8192 positions, allocated at once
+        # 8 slots x 8192 positions, allocated at once
+        "slot_cache_at_old_defaults_bytes": 8 * 8192 * per_token,
         "memory": memory,
         "decode_tokens_per_s": {"batched_8": round(batched, 2), "one_at_a_time_8": round(alone, 2),
                                 "speedup": round(batched / alone, 2)},

@@ -49,7 +49,8 @@ class Sequence:
 
 
 class PagedDecoder:
-    def __init__(self, llm: LlamaForCausalLM, pool: BlockPool, *, eos_id: int, prefill_chunk: int = 2048) -> None:
+    def __init__(self, llm: LlamaForCausalLM, pool: BlockPool, *, eos_id: int,
+                 prefill_chunk: int = 2048) -> None:
         self.llm = llm
         self.pool = pool
         self.eos_id = eos_id
@@ -67,7 +68,8 @@ class PagedDecoder:
         return self.pool.blocks_for(seq.positions_needed) <= self.pool.usable_blocks
 
     def blocks_to_start(self, seq: Sequence) -> int:
-        """Blocks ``start`` or ``swap_in`` takes: the prompt's (or what the sequence held) and one to grow into."""
+        """Blocks ``start`` or ``swap_in`` takes: the prompt's (or what the sequence held) and one to
+        grow into."""
         held = seq.length if seq.swapped is not None else seq.prompt_len
         return self.pool.blocks_for(held + 1)
 
@@ -92,12 +94,13 @@ class PagedDecoder:
         (the sequence is freed right away if that token already ends it)."""
         start, stop = seq.length, min(seq.prompt_len, seq.length + self.prefill_chunk)
         device = self.pool.keys[0].device
-        self.cache.plan(self.pool.positions(seq.blocks, start, stop), self.pool.positions(seq.blocks, 0, stop)[None],
-                        stop - start)
+        self.cache.plan(self.pool.positions(seq.blocks, start, stop),
+                        self.pool.positions(seq.blocks, 0, stop)[None], stop - start)
         positions = torch.arange(start, stop, device=device)
         with sdpa_kernel(LLM_ATTENTION):
             out = self.llm(inputs_embeds=seq.prompt[:, start:stop], position_ids=positions[None],
-                           cache_position=positions, use_cache=True, logits_to_keep=1, **{_CACHE_KW: self.cache})
+                           cache_position=positions, use_cache=True, logits_to_keep=1,
+                           **{_CACHE_KW: self.cache})
         seq.length = stop
         if not seq.prefilled:
             return None
@@ -132,8 +135,9 @@ class PagedDecoder:
             mask = (torch.arange(kv_length, device=device)[None] >= (kv_length - 1 - lengths)[:, None]).long()
         with sdpa_kernel(LLM_ATTENTION):
             out = self.llm(
-                input_ids=torch.tensor([[seq.token] for seq in seqs], device=device), position_ids=lengths[:, None],
-                attention_mask=mask, cache_position=torch.tensor([kv_length - 1], device=device), use_cache=True,
+                input_ids=torch.tensor([[seq.token] for seq in seqs], device=device),
+                position_ids=lengths[:, None], attention_mask=mask,
+                cache_position=torch.tensor([kv_length - 1], device=device), use_cache=True,
                 **{_CACHE_KW: self.cache},
             )
         logits = out.logits[:, -1]

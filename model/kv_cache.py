@@ -97,7 +97,8 @@ class _PagedLayer(CacheLayerMixin):
 
 
 class PagedCache(Cache):
-    """The ``past_key_values`` of one forward over a ``BlockPool``: ``plan`` says where it writes and reads."""
+    """The ``past_key_values`` of one forward over a ``BlockPool``: ``plan`` says where it writes
+    and reads."""
 
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool

@@ -63,7 +63,8 @@ class MemoryPlan:
             *((f"weights: {name}", gib(size)) for name, size in self.parts.items()),
             ("activation reserve", gib(self.activation_bytes)),
             ("feature hot tier on the device", gib(self.hot_tier_bytes)),
-            ("KV cache", f"{gib(self.kv_cache_bytes)} = {self.num_blocks} blocks of {self.block_size} positions"),
+            ("KV cache",
+             f"{gib(self.kv_cache_bytes)} = {self.num_blocks} blocks of {self.block_size} positions"),
             ("KV bytes per position", f"{self.kv_bytes_per_token / 1024:.0f} KiB"),
             ("positions held at once", f"{self.max_concurrent_tokens:,}"),
             ("frames per question", f"{self.max_frames_per_question:,} ({self.tokens_per_frame} tokens each, "
@@ -107,7 +108,8 @@ def plan_memory(
     parts = {
         "llm": _llm_bytes(config, dtype, quantization),
         "eva": _module_bytes(eva, dtype),
-        "qformer": _module_bytes(_on_meta(lambda: build_qformer(config.qformer, config.mm_hidden_size)), dtype),
+        "qformer": _module_bytes(_on_meta(lambda: build_qformer(config.qformer, config.mm_hidden_size)),
+                                 dtype),
         "head": _module_bytes(_on_meta(lambda: LlamaVidVisualHead(config)), dtype),
     }
     weights = sum(parts.values())
@@ -135,7 +137,8 @@ def plan_memory(
     one_frame = min(tpf + TEXT_TOKENS + max_new_tokens, config.max_token)
     reason = None
     if weights + activations + hot_tier_bytes > utilization * device_bytes:
-        reason = (f"the weights ({weights / GiB:.1f} GiB) and the activation reserve ({activations / GiB:.1f} GiB) "
+        reason = (f"the weights ({weights / GiB:.1f} GiB) and the activation reserve "
+                  f"({activations / GiB:.1f} GiB) "
                   f"need more than {utilization:g} x {device_bytes / GiB:.1f} GiB")
     elif kv_cache_bytes + kv_cache_bytes // layers > free:
         reason = f"a KV cache of {kv_cache_bytes / GiB:.1f} GiB does not fit beside the weights"
@@ -155,7 +158,8 @@ def plan_memory(
 def kv_bytes_per_token(llama: LlamaConfig, dtype: torch.dtype) -> int:
     """Keys and values of one position, every layer."""
     head_dim = getattr(llama, "head_dim", None) or llama.hidden_size // llama.num_attention_heads
-    return 2 * llama.num_hidden_layers * llama.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    return (2 * llama.num_hidden_layers * llama.num_key_value_heads * head_dim
+            * torch.tensor([], dtype=dtype).element_size())
 
 
 def _on_meta(build) -> nn.Module:
@@ -175,10 +179,12 @@ def _llm_bytes(config: LlamaVidConfig, dtype: torch.dtype, quantization: str) ->
     # bitsandbytes quantizes the decoder layers' linear weights; embeddings, norms and lm_head stay.
     per_weight = QUANTIZED_BYTES[quantization]
     quantized = sum(m.weight.numel() for m in llm.model.layers.modules() if isinstance(m, nn.Linear))
-    return int(quantized * per_weight) + _module_bytes(llm, dtype) - quantized * torch.tensor([], dtype=dtype).element_size()
+    return (int(quantized * per_weight) + _module_bytes(llm, dtype)
+            - quantized * torch.tensor([], dtype=dtype).element_size())
 
 
-def _eva_tower(config: LlamaVidConfig, image_size: int, dims: tuple[int, int, int, int] | None) -> EvaVisionTower:
+def _eva_tower(config: LlamaVidConfig, image_size: int,
+               dims: tuple[int, int, int, int] | None) -> EvaVisionTower:
     """EVA's shape: from the tower file's tensor shapes (memory-mapped, not read) or, without the
     file, LAVIS' EVA-G for a 1408-wide checkpoint."""
     path = config.vision_tower_path

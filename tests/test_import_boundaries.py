@@ -73,8 +73,8 @@ def imported_modules(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
         elif isinstance(node, ast.Call):
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-            if name in ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) \
-                    and isinstance(node.args[0].value, str):
+            if name in ("import_module", "__import__") and node.args \
+                    and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
                 found.append((node.lineno, node.args[0].value))
     return found
 
@@ -184,7 +184,8 @@ def test_the_checker_sees_every_import_form(tmp_path: Path) -> None:
         reported = " ".join(_violations("model", FORBIDDEN["model"], tmp_path))
     finally:
         project_modules.cache_clear()
-    for banned in ("fastapi", "redis", "starlette", "server", "prometheus_client", "cache.keys", "uvicorn", "httpx"):
+    for banned in ("fastapi", "redis", "starlette", "server", "prometheus_client", "cache.keys", "uvicorn",
+                   "httpx"):
         assert f"imports {banned}" in reported
     assert "model.ok" not in reported
 

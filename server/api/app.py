@@ -48,7 +48,8 @@ def body_limits(settings: Settings) -> BodyLimitFor:
             return 1 << 20, "the limit for this route"
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
         if scope.get("path") == "/v1/videos" and content_type.startswith(b"multipart/"):
-            return settings.max_video_bytes + form_overhead, f"the video upload limit ({media} plus form fields)"
+            return (settings.max_video_bytes + form_overhead,
+                    f"the video upload limit ({media} plus form fields)")
         return json_limit, f"the JSON body limit (a base64 data: URL of {media} plus the text limits)"
 
     return limit_for
@@ -81,7 +82,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
                 await app.state.engine.close()
 
     app = FastAPI(title="LLaMA-VID", version="0.1.0", lifespan=lifespan,
-                  description="Ask questions about long videos: two tokens per frame, cached features, streamed answers.")
+                  description="Ask questions about long videos: two tokens per frame, cached features, "
+                              "streamed answers.")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.thumbnails = ThumbnailCache()

@@ -44,18 +44,20 @@ def normalise_turns(turns: list[tuple[str, str]], settings: Settings) -> list[Tu
         else:
             merged.append({"role": role, "content": text})
     if not merged or merged[-1]["role"] != "user":
-        raise APIError(400, "the last message must come from the user", code="invalid_messages", param="messages")
+        raise APIError(400, "the last message must come from the user", code="invalid_messages",
+                       param="messages")
     if merged[0]["role"] != "user":
         raise APIError(400, "the conversation must start with a user message (after any system message)",
                        code="invalid_messages", param="messages")
     if len(merged) > settings.max_messages:
-        raise APIError(400, f"at most {settings.max_messages} messages per conversation", code="too_many_messages",
-                       param="messages")
+        raise APIError(400, f"at most {settings.max_messages} messages per conversation",
+                       code="too_many_messages", param="messages")
     if not merged[-1]["content"].strip():
         raise APIError(400, "the question is empty", code="empty_question", param="messages")
     total = sum(len(m["content"]) for m in merged)
     if total > settings.max_question_chars:
-        raise APIError(400, f"the conversation has {total} characters; the limit is {settings.max_question_chars}",
+        raise APIError(400, f"the conversation has {total} characters; the limit is "
+                            f"{settings.max_question_chars}",
                        code="question_too_long", param="messages")
     return [Turn.model_validate(m) for m in merged]
 
@@ -66,13 +68,15 @@ def check_context(conversation: Conversation, card: ModelCard, max_tokens: int) 
     visual = conversation.frames * card.tokens_per_frame
     text = sum(len(m.content) for m in conversation.messages) // 4
     if visual + text >= card.context_length:
-        raise APIError(400, f"{conversation.frames} frames x {card.tokens_per_frame} tokens = {visual} visual tokens "
-                            f"do not fit the model's context of {card.context_length} tokens; lower fps or max_frames",
+        raise APIError(400, f"{conversation.frames} frames x {card.tokens_per_frame} tokens = {visual} "
+                            f"visual tokens do not fit the model's context of {card.context_length} tokens; "
+                            "lower fps or max_frames",
                        code="context_length_exceeded")
-    if min(visual + text + max_tokens, card.context_length) > card.kv_positions:  # budgets are clamped to the context
-        raise APIError(400, f"{visual} visual tokens + the text + max_tokens {max_tokens} need more positions than "
-                            f"this server's KV cache holds ({card.kv_positions}); ask with fewer frames or a "
-                            "smaller max_tokens", code="context_length_exceeded")
+    # budgets are clamped to the context
+    if min(visual + text + max_tokens, card.context_length) > card.kv_positions:
+        raise APIError(400, f"{visual} visual tokens + the text + max_tokens {max_tokens} need more "
+                            f"positions than this server's KV cache holds ({card.kv_positions}); ask with "
+                            "fewer frames or a smaller max_tokens", code="context_length_exceeded")
 
 
 def build_job(conversation: Conversation, options: SamplingOptions, settings: Settings, *,
@@ -84,7 +88,8 @@ def build_job(conversation: Conversation, options: SamplingOptions, settings: Se
         except ValueError as exc:
             raise APIError(400, str(exc), code="invalid_template", param="template") from None
     if max_tokens > settings.max_tokens_limit:
-        raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of {settings.max_tokens_limit}",
+        raise APIError(400, f"max_tokens {max_tokens} is above this server's limit of "
+                            f"{settings.max_tokens_limit}",
                        code="invalid_max_tokens", param="max_tokens")
     now = time.time()
     return QuestionJob(

@@ -33,8 +33,8 @@ def _error(event: ErrorEvent) -> dict:
     return error_body(event.status, event.message, event.code)
 
 
-async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, completion_id: str, created: int,
-                      model: str, include_usage: bool, extension: dict) -> AsyncIterator[dict]:
+async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, completion_id: str,
+                      created: int, model: str, include_usage: bool, extension: dict) -> AsyncIterator[dict]:
     def chunk(choices: list, **extra: Any) -> dict:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": choices, **extra}
@@ -48,7 +48,8 @@ async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, c
         async for event in events:
             match event:
                 case ProgressEvent() | RelevanceEvent():
-                    yield chunk([], llamavid={"type": event.type, **extension, **event.model_dump(exclude={"type"})})
+                    yield chunk([], llamavid={"type": event.type, **extension,
+                                              **event.model_dump(exclude={"type"})})
                 case DeltaEvent(text=text):
                     if role is not None:
                         yield role
@@ -69,12 +70,14 @@ async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, c
         stream.cancel()
 
 
-async def ask_events(events: AsyncIterator[AnyEvent], stream: EventStream, video_id: str | None) -> AsyncIterator[dict]:
+async def ask_events(events: AsyncIterator[AnyEvent], stream: EventStream,
+                     video_id: str | None) -> AsyncIterator[dict]:
     try:
         async for event in events:
             match event:
                 case DoneEvent():
-                    data = {"finish_reason": event.finish_reason, "video_id": video_id, "usage": done_usage(event)}
+                    data = {"finish_reason": event.finish_reason, "video_id": video_id,
+                            "usage": done_usage(event)}
                 case ErrorEvent():
                     data = _error(event)
                 case DeltaEvent(text=text):

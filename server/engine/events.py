@@ -62,7 +62,8 @@ class ErrorEvent(_Event):
     message: str
 
 
-Event = Annotated[ProgressEvent | RelevanceEvent | DeltaEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
+Event = Annotated[ProgressEvent | RelevanceEvent | DeltaEvent | DoneEvent | ErrorEvent,
+                  Field(discriminator="type")]
 AnyEvent = ProgressEvent | RelevanceEvent | DeltaEvent | DoneEvent | ErrorEvent
 FINAL = (DoneEvent, ErrorEvent)
 

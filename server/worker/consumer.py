@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 
 from ..engine.events import AnyEvent, DeltaEvent, ErrorEvent
 from ..engine.jobs import QuestionJob, VideoJob
-from ..engine.protocol import ModelCard
+from ..engine.protocol import EngineUnavailable, ModelCard
 from ..engine.redis.queue import QUESTIONS, VIDEOS, RedisJobQueue, encode_card
 from ..settings import Settings
 from .runner import ModelRunner
@@ -76,7 +76,8 @@ class RedisWorker:
         self.runner = runner
         self.card = card
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.queue = RedisJobQueue(redis, settings.redis_namespace, event_ttl=int(settings.request_timeout) + 600)
+        self.queue = RedisJobQueue(redis, settings.redis_namespace,
+                                   event_ttl=int(settings.request_timeout) + 600)
         self.capacity = {QUESTIONS: Capacity(settings.max_running + 2), VIDEOS: Capacity(1)}
         self.inflight: dict[str, set[str]] = {QUESTIONS: set(), VIDEOS: set()}
         self.lost: set[str] = set()  # entries another worker reclaimed from this one
@@ -110,7 +111,8 @@ class RedisWorker:
                 for queue, ids in self.inflight.items():
                     owners = await self.queue.owners(queue, sorted(ids))
                     self.lost |= {entry for entry, owner in owners.items() if owner not in (None, self.id)}
-                    await self.queue.touch(queue, self.id, [entry for entry, owner in owners.items() if owner == self.id])
+                    await self.queue.touch(queue, self.id,
+                                           [entry for entry, owner in owners.items() if owner == self.id])
             except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
             await asyncio.sleep(interval)
@@ -153,12 +155,15 @@ class RedisWorker:
         task.add_done_callback(self.jobs.discard)
 
     async def _run(self, queue: str, entry_id: str, payload: str) -> None:
-        try:  # a cancellation (shutdown) skips the ack: another worker reclaims the job
+        try:  # a cancellation (shutdown) or a backend outage skips the ack: the job is reclaimed and retried
             try:
                 if queue == VIDEOS:
                     await self.runner.extract(VideoJob.model_validate_json(payload))
                 else:
                     await self._answer(QuestionJob.model_validate_json(payload), entry_id)
+            except EngineUnavailable as exc:
+                log.warning("job %s on %s stopped: %s; it will be reclaimed", entry_id, queue, exc)
+                return
             except Exception:
                 log.exception("job %s on %s failed", entry_id, queue)
             if entry_id not in self.lost:  # a reclaimed job is acknowledged by its new owner

@@ -44,8 +44,8 @@ class DecodeFailure(Exception):
     @classmethod
     def from_exception(cls, cause: BaseException) -> DecodeFailure:
         if isinstance(cause, torch.cuda.OutOfMemoryError):
-            return cls(503, "out_of_memory", "the GPU ran out of memory while generating; retry, or ask with fewer "
-                       "frames or max_tokens", out_of_memory=True)
+            return cls(503, "out_of_memory", "the GPU ran out of memory while generating; retry, or ask "
+                       "with fewer frames or max_tokens", out_of_memory=True)
         return cls(500, "decode_failed", f"generation failed: {type(cause).__name__}: {cause}")
 
 
@@ -124,8 +124,8 @@ class Scheduler:
             need = tokens.seq.positions_needed
             tokens.fail(DecodeFailure(400, "context_length_exceeded", (
                 f"this question needs {need} positions ({tokens.seq.prompt_len} of prompt and max_tokens "
-                f"{params.max_new_tokens}); this server's KV cache holds {self.positions}: ask with fewer frames "
-                "or a smaller max_tokens")))
+                f"{params.max_new_tokens}); this server's KV cache holds {self.positions}: ask with fewer "
+                "frames or a smaller max_tokens")))
         else:
             self.waiting.append(tokens)
             self.wake()
@@ -196,7 +196,8 @@ class Scheduler:
         try:
             results = await self.thread(decoder.step, [t.seq for t in self.running])
         except Exception as exc:
-            log.exception("a batched decode step failed; failing the %d requests it carried", len(self.running))
+            log.exception("a batched decode step failed; failing the %d requests it carried",
+                          len(self.running))
             failure = DecodeFailure.from_exception(exc)
             for tokens in self.running:
                 decoder.free(tokens.seq)

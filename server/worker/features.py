@@ -23,6 +23,7 @@ from model.video import FrameSampling, VideoDecodeError
 
 from ..engine.events import AnyEvent, ErrorEvent, ProgressEvent
 from ..engine.jobs import MediaRef, Sampling, VideoJob, VideoRecord
+from ..engine.protocol import EngineUnavailable
 from ..engine.storage import MediaStore, VideoRegistry
 from ..metrics import LlamaVidMetrics
 from .model_thread import ModelThread
@@ -60,10 +61,10 @@ class FeatureSource:
     async def extract(self, job: VideoJob) -> None:
         """A video job: make sure this sampling of the video is cached."""
         try:
-            await self.video(MediaRef(kind="video", digest=job.digest, video_id=job.video_id, sampling=job.sampling),
-                             emit=None)
+            await self.video(MediaRef(kind="video", digest=job.digest, video_id=job.video_id,
+                                      sampling=job.sampling), emit=None)
             self.metrics.video_job_finished("done")
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, EngineUnavailable):  # stopped, or a backend blip: left for a retry
             self.metrics.video_job_finished("cancelled")
             raise
         except Exception:  # already recorded on the video's record by _extract_tracked
@@ -92,7 +93,8 @@ class FeatureSource:
             task = asyncio.ensure_future(self._extract_tracked(ref.digest, sampling, ref.video_id))
             self._extracting[key] = task
             task.add_done_callback(lambda _: self._extracting.pop(key, None))
-        relay = asyncio.ensure_future(self._relay_progress(ref.video_id, emit)) if emit and ref.video_id else None
+        relay = (asyncio.ensure_future(self._relay_progress(ref.video_id, emit)) if emit and ref.video_id
+                 else None)
         try:
             return await asyncio.shield(task)
         finally:
@@ -126,10 +128,13 @@ class FeatureSource:
         async for record in self.registry.watch(video_id, timeout=float("inf")):
             await emit(progress_event(record))
 
-    async def _extract_tracked(self, digest: str, sampling: Sampling, video_id: str | None) -> tuple[Frames, Manifest]:
+    async def _extract_tracked(self, digest: str, sampling: Sampling,
+                               video_id: str | None) -> tuple[Frames, Manifest]:
         """``_extract_now`` that leaves the video record failed, with the reason, if it fails."""
         try:
             return await self._extract_now(digest, sampling, video_id)
+        except EngineUnavailable:
+            raise  # not the video's fault: it is not marked failed, and the job is retried
         except Exception as exc:
             if not isinstance(exc, JobError):
                 log.exception("extracting video %s failed", video_id or digest)
@@ -149,7 +154,8 @@ class FeatureSource:
         finally:
             self._on_cache_access()
 
-    async def _wait_for_other_worker(self, video_id: str, emit: Emit | None) -> tuple[Frames, Manifest] | None:
+    async def _wait_for_other_worker(self, video_id: str,
+                                     emit: Emit | None) -> tuple[Frames, Manifest] | None:
         """Follow another extraction of this video; None if it stalls (its worker died) or vanishes."""
         while True:
             record = None
@@ -163,11 +169,13 @@ class FeatureSource:
             if record.status == "ready":
                 return await self._cached(record.digest, sampling_id(record.sampling.model_dump()))
             if record.status == "failed":
-                raise JobError(400, record.error_code or "invalid_video", record.error or "the video failed to extract")
+                raise JobError(400, record.error_code or "invalid_video",
+                               record.error or "the video failed to extract")
             if time.time() - record.updated_at > self.stall_timeout:
                 return None  # no progress for a while: take the extraction over
 
-    async def _extract_now(self, digest: str, sampling: Sampling, video_id: str | None) -> tuple[Frames, Manifest]:
+    async def _extract_now(self, digest: str, sampling: Sampling,
+                           video_id: str | None) -> tuple[Frames, Manifest]:
         data = await self.media.get(digest)
         if data is None:
             raise JobError(410, "media_gone", "the video's bytes are no longer stored; upload it again")
@@ -179,8 +187,9 @@ class FeatureSource:
         info = video.info
         if video_id:
             await self.registry.update(
-                video_id, status="extracting", frames_total=len(indices), frames_done=0, duration=info.duration,
-                source_fps=info.avg_fps, fps=sampling.fps, width=info.width, height=info.height,
+                video_id, status="extracting", frames_total=len(indices), frames_done=0,
+                duration=info.duration, source_fps=info.avg_fps, fps=sampling.fps, width=info.width,
+                height=info.height,
             )
         # Frames a previous, interrupted extraction already cached are read, not encoded again.
         cached = await self.store.get_frames(self.model.encoder_fingerprint, digest, indices)

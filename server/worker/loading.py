@@ -52,8 +52,10 @@ def plan_for(settings: Settings, *, hot_tier: bool = False) -> MemoryPlan:
         config, device_bytes=total, utilization=settings.gpu_memory_utilization,
         dtype=getattr(torch, settings.dtype) if settings.dtype else default_dtype(device),
         quantization=settings.quantization, kv_cache_bytes=kv,
-        hot_tier_bytes=settings.cache_bytes if hot_tier and settings.hot_tier_on_gpu and device.type == "cuda" else 0,
-        encode_batch=settings.encode_batch, prefill_chunk=settings.prefill_chunk, max_running=settings.max_running,
+        hot_tier_bytes=(settings.cache_bytes
+                        if hot_tier and settings.hot_tier_on_gpu and device.type == "cuda" else 0),
+        encode_batch=settings.encode_batch, prefill_chunk=settings.prefill_chunk,
+        max_running=settings.max_running,
         max_new_tokens=settings.max_tokens_limit, block_size=settings.block_size,
     )
 
@@ -61,8 +63,8 @@ def plan_for(settings: Settings, *, hot_tier: bool = False) -> MemoryPlan:
 def check_plan(plan: MemoryPlan, model: str | None) -> None:
     if not plan.fits:
         raise PlanError(f"{model or 'the demo model'} does not fit this device as configured: {plan.reason}\n"
-                        f"{plan.table()}\n(see `llamavid plan --help`: --quantization 4bit, --max-tokens-limit, "
-                        "--kv-cache-bytes, --gpu-memory-utilization)")
+                        f"{plan.table()}\n(see `llamavid plan --help`: --quantization 4bit, "
+                        "--max-tokens-limit, --kv-cache-bytes, --gpu-memory-utilization)")
 
 
 def load_model(settings: Settings, *, hot_tier: bool = False) -> tuple[LlamaVid, ModelCard, MemoryPlan]:
@@ -80,10 +82,12 @@ def load_model(settings: Settings, *, hot_tier: bool = False) -> tuple[LlamaVid,
     demo_kind = _demo_kind(model_dir)
     if demo_kind == "random":
         log.warning("\n%s\n  NO MODEL GIVEN: serving a tiny RANDOM LLaMA-VID (%s).\n  Its answers are noise. "
-                    "Start with --model DIR (or LLAMAVID_MODEL) for real answers.\n%s", BANNER, model_dir, BANNER)
+                    "Start with --model DIR (or LLAMAVID_MODEL) for real answers.\n%s",
+                    BANNER, model_dir, BANNER)
     elif demo_kind == "trained":
         log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
-                    "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s", BANNER, model_dir, BANNER)
+                    "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s",
+                    BANNER, model_dir, BANNER)
     return model, describe(model, model_dir, plan), plan
 
 

@@ -113,6 +113,7 @@ async def local_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> 
                          template=settings.template, on_cache_access=cache_metrics.sync)
     await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)
-    log.info("ready: %s on %s (%s), %d tokens per frame", card.id, card.device, card.dtype, card.tokens_per_frame)
+    log.info("ready: %s on %s (%s), %d tokens per frame", card.id, card.device, card.dtype,
+             card.tokens_per_frame)
     return LocalEngine(runner, card, registry, media, metrics, queue_size=settings.queue_size,
                        max_running=settings.max_running, video_queue_size=settings.video_queue_size)

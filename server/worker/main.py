@@ -38,8 +38,8 @@ async def _main(settings: Settings) -> int:
     device = resolve_device(settings.device)
     on_gpu = settings.hot_tier_on_gpu and device.type == "cuda"  # the plan counted it there
     hot = MemoryFeatureStore(settings.cache_bytes, device=device if on_gpu else None)
-    cold = RedisFeatureStore(redis, namespace=settings.redis_namespace, ttl_seconds=settings.cache_ttl_seconds,
-                             fmt=settings.feature_format)
+    cold = RedisFeatureStore(redis, namespace=settings.redis_namespace,
+                             ttl_seconds=settings.cache_ttl_seconds, fmt=settings.feature_format)
     store = TieredFeatureStore(hot, cold)
     cache_metrics = CacheMetrics(metrics, store)
     runner = ModelRunner(

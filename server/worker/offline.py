@@ -35,7 +35,8 @@ T = TypeVar("T")
 
 class OfflineEngine:
     def __init__(self, model: LlamaVid, *, store: FeatureStore | None = None, fps: float = 1.0,
-                 max_frames: int | None = None, timeout: float = 600.0, kv_cache_bytes: int = 1 << 30) -> None:
+                 max_frames: int | None = None, timeout: float = 600.0,
+                 kv_cache_bytes: int = 1 << 30) -> None:
         self.sampling = Sampling(fps=fps, max_frames=max_frames)
         self.timeout = timeout
         self._media_dir = tempfile.TemporaryDirectory(prefix="llamavid-offline-")
@@ -48,13 +49,14 @@ class OfflineEngine:
         metrics = LlamaVidMetrics()
         registry = MemoryVideoRegistry()
         media = DiskMediaStore(self._media_dir.name, 8 << 30)
-        plan = plan_memory(model.config, device_bytes=host_memory_bytes(), dtype=model.llm.dtype,
+        plan = plan_memory(model.config, device_bytes=host_memory_bytes(), dtype=model.dtype,
                            kv_cache_bytes=kv_cache_bytes)
         runner = ModelRunner(model, store, media, registry, metrics, num_blocks=plan.num_blocks,
                              block_size=plan.block_size)
         await runner.start()
         card = describe(model, model.config.model_dir, plan)
-        return LocalEngine(runner, card, registry, media, metrics, queue_size=64, max_running=8, video_queue_size=16)
+        return LocalEngine(runner, card, registry, media, metrics, queue_size=64, max_running=8,
+                           video_queue_size=16)
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -69,9 +71,9 @@ class OfflineEngine:
     def answer(self, clip: MediaRef, question: str, *, max_tokens: int = 8) -> str:
         """A greedy answer through ``LocalEngine.ask``; an error event raises ``RuntimeError``."""
         now = time.time()
-        job = QuestionJob(request_id=new_id("req"), messages=[Turn(role="user", content=question)], media=clip,
-                          sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens), arrival_time=now,
-                          deadline=now + self.timeout)
+        job = QuestionJob(request_id=new_id("req"), messages=[Turn(role="user", content=question)],
+                          media=clip, sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                          arrival_time=now, deadline=now + self.timeout)
         return self._run(self._answer(job))
 
     async def _answer(self, job: QuestionJob) -> str:

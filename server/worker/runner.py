@@ -26,6 +26,7 @@ from model.llama_vid import LlamaVid, PreparedPrompt, VisualInput
 
 from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, RelevanceEvent
 from ..engine.jobs import JOB_VERSION, QuestionJob, VideoJob
+from ..engine.protocol import EngineUnavailable
 from ..engine.storage import MediaStore, VideoRegistry
 from ..metrics import LlamaVidMetrics, LlamaVidRequestMetrics
 from .decoding import DecodeFailure, Scheduler
@@ -61,8 +62,9 @@ class ModelRunner:
         self.metrics = metrics
         self.template = template
         self.thread = ModelThread()
-        self.features = FeatureSource(model, store, media, registry, metrics, self.thread, encode_batch=encode_batch,
-                                      stall_timeout=stall_timeout, on_cache_access=on_cache_access or (lambda: None))
+        self.features = FeatureSource(model, store, media, registry, metrics, self.thread,
+                                      encode_batch=encode_batch, stall_timeout=stall_timeout,
+                                      on_cache_access=on_cache_access or (lambda: None))
         self.scheduler = Scheduler(model, self.thread, metrics, num_blocks=num_blocks, block_size=block_size,
                                    prefill_chunk=prefill_chunk, max_running=max_running)
 
@@ -94,11 +96,14 @@ class ModelRunner:
             await emit(exc.event)
         except DecodeFailure as exc:
             await emit(ErrorEvent(status=exc.status, code=exc.code, message=exc.message))
+        except EngineUnavailable as exc:  # the media, records or events backend went away mid-question
+            await emit(ErrorEvent(status=503, code=exc.code, message=exc.message))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("request %s failed", job.request_id)
-            await emit(ErrorEvent(status=500, code="internal_error", message=f"internal error: {type(exc).__name__}: {exc}"))
+            await emit(ErrorEvent(status=500, code="internal_error",
+                                  message=f"internal error: {type(exc).__name__}: {exc}"))
 
     async def _visual(self, job: QuestionJob, emit: Emit) -> tuple[VisualInput | None, list[float]]:
         ref = job.media
@@ -118,7 +123,8 @@ class ModelRunner:
         try:
             with self.metrics.stage("tokens"):
                 prepared = await self.thread(
-                    lambda: self.model.prepare(messages, visual, template=template, with_relevance=job.relevance))
+                    lambda: self.model.prepare(messages, visual, template=template,
+                                               with_relevance=job.relevance))
             params = self.model.params(prepared, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                        max_new_tokens=s.max_tokens, stop=s.stop, seed=s.seed)
         except ValueError as exc:
@@ -126,8 +132,8 @@ class ModelRunner:
             raise JobError(400, code, str(exc)) from exc
         return prepared, params
 
-    async def _generate(self, job: QuestionJob, visual: VisualInput | None, timestamps: list[float], emit: Emit,
-                        cancelled: CancelFlag, tracker: LlamaVidRequestMetrics) -> str:
+    async def _generate(self, job: QuestionJob, visual: VisualInput | None, timestamps: list[float],
+                        emit: Emit, cancelled: CancelFlag, tracker: LlamaVidRequestMetrics) -> str:
         prepared, params = await self._prepare(job, visual)
         tracker.prompt(prepared.num_prompt_tokens - prepared.num_visual_tokens, prepared.num_visual_tokens)
         if job.relevance and prepared.relevance is not None:

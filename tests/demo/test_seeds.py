@@ -30,7 +30,8 @@ def test_the_shipped_training_never_saw_an_evaluation_clip() -> None:
 
 
 def test_every_allowed_training_run_stays_below_every_evaluation() -> None:
-    highest_training = max(clip_seeds(replace(TrainConfig(), seed=999, clips=HOLDOUT_SEED_OFFSET, holdout=10_000))[1])
+    highest_training = max(clip_seeds(replace(TrainConfig(), seed=999, clips=HOLDOUT_SEED_OFFSET,
+                                              holdout=10_000))[1])
     lowest_evaluation = min(seed for seed, _ in eval_clips(0, 1))
     assert highest_training < lowest_evaluation == EVAL_SEED_BASE
     # evaluation seeds of different --seed values do not overlap either, up to 10,000 clips per type

@@ -72,8 +72,10 @@ def stream_answer(url: str, body: dict, *, timeout: float = 60.0,
 def assert_settled(d: Deployment, timeout: float = 30.0) -> None:
     """The live workers hold no request and Redis holds no job that is still pending."""
     def idle() -> bool:
-        gauges = sum(d.total(name) for name in ("llamavid_num_requests_running", "llamavid_num_requests_waiting"))
-        pending = [d.redis.xpending(d.key("jobs", queue), "workers")["pending"] for queue in ("questions", "videos")
+        gauges = sum(d.total(name)
+                     for name in ("llamavid_num_requests_running", "llamavid_num_requests_waiting"))
+        pending = [d.redis.xpending(d.key("jobs", queue), "workers")["pending"]
+                   for queue in ("questions", "videos")
                    if d.redis.exists(d.key("jobs", queue))]
         return gauges == 0 and not any(pending)
     wait_for(idle, timeout, "the workers to go idle and no job to stay pending")

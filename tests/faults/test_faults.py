@@ -23,8 +23,8 @@ LONG = 1900  # tokens: a few seconds of the tiny model, long enough to fault in 
 @pytest.fixture
 def split(redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path):
     """One API and one worker on a private Redis, a short visibility timeout."""
-    d = start_deployment(tmp_path, tiny_checkpoint, workers=1, redis_url=private_redis.url, visibility_timeout=2,
-                         max_tokens_limit=LONG)
+    d = start_deployment(tmp_path, tiny_checkpoint, workers=1, redis_url=private_redis.url,
+                         visibility_timeout=2, max_tokens_limit=LONG)
     try:
         yield d
     finally:
@@ -44,7 +44,8 @@ def test_a_fresh_server_finishes_its_first_burst(tiny_checkpoint: Path, tmp_path
         outcomes = burst(server.url, 8)
         assert [o.end for o in outcomes] == ["done"] * 8, [o.error for o in outcomes]
         assert len({o.text for o in outcomes}) == 1  # the same greedy answer, eight times
-        wait_for(lambda: scrape(server.url)["llamavid_num_requests_running"] == 0, 10, "the gauge to return to 0")
+        wait_for(lambda: scrape(server.url)["llamavid_num_requests_running"] == 0, 10,
+                 "the gauge to return to 0")
     finally:
         server.stop()
 
@@ -84,7 +85,8 @@ def test_a_redis_restart_mid_stream_ends_every_stream(split: Deployment, private
             assert out.text == expected
         else:
             assert out.error["type"] and out.error["message"], out.error
-        assert out.ended_at - restarted[0] <= 10.0, f"ended {out.ended_at - restarted[0]:.1f}s after Redis returned"
+        assert out.ended_at - restarted[0] <= 10.0, (
+            f"ended {out.ended_at - restarted[0]:.1f}s after Redis returned")
         split.wait_workers(1)
     assert sum(o.end == "done" for o in results) >= 1, [o.error for o in results]
     assert_settled(split)
@@ -98,15 +100,16 @@ def _extracting_worker(d: Deployment) -> int:
 
 
 def test_a_worker_killed_mid_extraction_is_taken_over_without_recomputing(
-        redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path, make_video) -> None:
+        redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path,
+        make_video) -> None:
     """Fault 3: the extracting worker is SIGKILLed at 40 %. The other worker reclaims the job with no
     question asked, and encodes only the frames the first one had not cached."""
-    d = start_deployment(tmp_path, tiny_checkpoint, workers=2, redis_url=private_redis.url, visibility_timeout=2,
-                         encode_batch=2, max_frames=400)
+    d = start_deployment(tmp_path, tiny_checkpoint, workers=2, redis_url=private_redis.url,
+                         visibility_timeout=2, encode_batch=2, max_frames=400)
     try:
         video = make_video(seconds=40, fps=10)
-        upload = httpx.post(d.url + "/v1/videos", files={"file": ("v.mp4", video, "video/mp4")}, data={"fps": "8"},
-                            timeout=30)
+        upload = httpx.post(d.url + "/v1/videos", files={"file": ("v.mp4", video, "video/mp4")},
+                            data={"fps": "8"}, timeout=30)
         assert upload.status_code == 202, upload.text
         vid, total = upload.json()["id"], upload.json()["frames_total"]
         assert total >= 200
@@ -114,7 +117,8 @@ def test_a_worker_killed_mid_extraction_is_taken_over_without_recomputing(
         def progress() -> dict:
             return httpx.get(f"{d.url}/v1/videos/{vid}", timeout=5).json()
 
-        wait_for(lambda: progress()["frames_done"] >= 0.4 * total, 60, "40 % of the extraction", interval=0.01)
+        wait_for(lambda: progress()["frames_done"] >= 0.4 * total, 60, "40 % of the extraction",
+                 interval=0.01)
         victim = _extracting_worker(d)
         killed = next(w for w in d.workers if w.pid == victim)
         killed.process.kill()
@@ -132,12 +136,14 @@ def test_a_worker_killed_mid_extraction_is_taken_over_without_recomputing(
 
 
 def test_dead_entries_leave_the_video_queue_bound(
-        redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path, make_video) -> None:
+        redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path,
+        make_video) -> None:
     """Fault 3, the bound: a dead worker's video job must not keep new uploads out."""
-    d = start_deployment(tmp_path, tiny_checkpoint, workers=1, redis_url=private_redis.url, visibility_timeout=1,
-                         video_queue_size=1, encode_batch=1, max_frames=400)
+    d = start_deployment(tmp_path, tiny_checkpoint, workers=1, redis_url=private_redis.url,
+                         visibility_timeout=1, video_queue_size=1, encode_batch=1, max_frames=400)
     try:
-        first = httpx.post(d.url + "/v1/videos", files={"file": ("a.mp4", make_video(seconds=40), "video/mp4")},
+        first = httpx.post(d.url + "/v1/videos",
+                           files={"file": ("a.mp4", make_video(seconds=40), "video/mp4")},
                            data={"fps": "8"}, timeout=30)
         assert first.status_code == 202
         wait_for(lambda: httpx.get(f"{d.url}/v1/videos/{first.json()['id']}").json()["frames_done"] > 0, 30,
@@ -156,14 +162,16 @@ def test_a_job_nobody_relays_is_cancelled(redis_available, private_redis: Privat
                                           tmp_path: Path) -> None:
     """Fault 5: the API is SIGKILLed mid-stream; the worker stops the orphaned generation within
     seconds (lease time + grace) instead of generating all of it for nobody."""
-    d = start_deployment(tmp_path, slow_checkpoint, workers=1, redis_url=private_redis.url, max_tokens_limit=LONG)
+    d = start_deployment(tmp_path, slow_checkpoint, workers=1, redis_url=private_redis.url,
+                         max_tokens_limit=LONG)
     try:
         body = {"messages": QUESTION, "max_tokens": LONG, "temperature": 0}
         threading.Thread(target=stream_answer, args=(d.url, body), daemon=True).start()
         wait_for(lambda: d.total("llamavid_generation_tokens_total") >= 5, 60, "the answer to start")
         d.api.kill()
-        aborted = wait_for(lambda: d.total("llamavid_request_success_total", finished_reason="abort") == 1 or None,
-                           30, "the worker to stop the orphaned job")
+        aborted = wait_for(
+            lambda: d.total("llamavid_request_success_total", finished_reason="abort") == 1 or None,
+            30, "the worker to stop the orphaned job")
         assert aborted
         assert d.total("llamavid_generation_tokens_total") < LONG / 4
         assert "nobody has relayed it" in d.workers[0].process.output()
@@ -171,7 +179,8 @@ def test_a_job_nobody_relays_is_cancelled(redis_available, private_redis: Privat
         d.stop()
 
 
-def test_an_outage_is_a_503_that_names_redis(split: Deployment, private_redis: PrivateRedis, make_video) -> None:
+def test_an_outage_is_a_503_that_names_redis(split: Deployment, private_redis: PrivateRedis,
+                                             make_video) -> None:
     """Fault 6: with Redis down every route answers 503 with Retry-After and says why; after it is
     back, they work again."""
     private_redis.stop()
@@ -208,7 +217,8 @@ def test_a_request_whose_events_cannot_be_delivered_stops_at_its_budget(
     """Fault 4: Redis goes down mid-answer, so the worker cannot send the answer's events. Decoding
     stops at ``max_tokens`` (the batched decoder frees the slot there) and the worker goes idle
     instead of stepping on; once Redis is back the stream completes with the fault-free text."""
-    d = start_deployment(tmp_path, slow_checkpoint, workers=1, redis_url=private_redis.url, visibility_timeout=30)
+    d = start_deployment(tmp_path, slow_checkpoint, workers=1, redis_url=private_redis.url,
+                         visibility_timeout=30)
     try:
         budget = 120
         expected = reference(d, budget)
@@ -228,7 +238,8 @@ def test_a_request_whose_events_cannot_be_delivered_stops_at_its_budget(
                 wait_for(idle, 60, "the worker to stop decoding while its events cannot be sent", interval=0)
                 private_redis.start()
 
-        out = stream_answer(d.url, {"messages": QUESTION, "max_tokens": budget, "temperature": 0}, on_text=outage)
+        out = stream_answer(d.url, {"messages": QUESTION, "max_tokens": budget, "temperature": 0},
+                            on_text=outage)
         assert down and out.end == "done" and out.text == expected, (out.end, out.error)
         assert d.total("llamavid_generation_tokens_total") - before == budget
         assert_settled(d)

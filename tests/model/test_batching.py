@@ -30,7 +30,8 @@ def _alone(llm, embeds, params) -> list[int]:
     return list(generate_tokens(llm, embeds, params, eos_id=-1))
 
 
-def _decoder(llm, num_blocks: int, block_size: int = 4, prefill_chunk: int = 2048, eos_id: int = -1) -> PagedDecoder:
+def _decoder(llm, num_blocks: int, block_size: int = 4, prefill_chunk: int = 2048,
+             eos_id: int = -1) -> PagedDecoder:
     config = llm.config
     pool = BlockPool(config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads,
                      config.hidden_size // config.num_attention_heads, llm.dtype, llm.device)
@@ -143,5 +144,6 @@ def test_real_head_sizes(tmp_path):
     with torch.inference_mode():
         embeds = [llm.get_input_embeddings()(torch.randint(3, 512, (1, n))) for n in (17, 40, 5)]
     expected = [_alone(llm, e, _params(i, new=8)) for i, e in enumerate(embeds)]
-    out = _run(_decoder(llm, num_blocks=32, block_size=16, prefill_chunk=16), embeds, lambda i: _params(i, new=8), 3)
+    out = _run(_decoder(llm, num_blocks=32, block_size=16, prefill_chunk=16), embeds,
+               lambda i: _params(i, new=8), 3)
     assert [out[i] for i in range(3)] == expected

@@ -14,9 +14,10 @@ from model.loader import load_llamavid
 from model.memory import GiB, parse_bytes, plan_memory
 from server.cli import main as cli_main
 
-VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "vocab_size": 32000, "max_token": 4096, "compress_type": "mean", "mm_hidden_size": 1408,
-             "mm_projector_type": "mlp2x_gelu", "bert_type": "qformer_pretrain", "num_query": 32}
+VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "vocab_size": 32000, "max_token": 4096, "compress_type": "mean",
+             "mm_hidden_size": 1408, "mm_projector_type": "mlp2x_gelu", "bert_type": "qformer_pretrain",
+             "num_query": 32}
 VICUNA_13B = {**VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
               "num_attention_heads": 40}
 LONG_VIDEO_7B = {**VICUNA_7B, "max_token": 65536, "rope_scaling": {"type": "linear", "factor": 16.0}}

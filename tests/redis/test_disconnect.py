@@ -19,7 +19,8 @@ from .conftest import Deployment, start_deployment
 @pytest.fixture(scope="module")
 def slow_deployment(redis_available, slow_checkpoint: Path,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = start_deployment(tmp_path_factory.mktemp("slow-split"), slow_checkpoint, workers=1, max_tokens_limit=4000)
+    d = start_deployment(tmp_path_factory.mktemp("slow-split"), slow_checkpoint, workers=1,
+                         max_tokens_limit=4000)
     try:
         yield d
     finally:
@@ -27,9 +28,11 @@ def slow_deployment(redis_available, slow_checkpoint: Path,
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["non-streaming", "streaming"])
-def test_a_hangup_stops_the_workers_generation_within_a_step(slow_deployment: Deployment, stream: bool) -> None:
+def test_a_hangup_stops_the_workers_generation_within_a_step(slow_deployment: Deployment,
+                                                             stream: bool) -> None:
     d = slow_deployment
-    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 4000, "stream": stream}
+    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 4000,
+            "stream": stream}
     sock = open_request(d.url, "/v1/chat/completions", body)
     after = tokens_after_hangup(lambda: d.total("llamavid_generation_tokens_total"),
                                 lambda: d.total("llamavid_request_success_total", finished_reason="abort"),

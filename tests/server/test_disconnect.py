@@ -44,8 +44,8 @@ def open_request(url: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
-def tokens_after_hangup(generated: Callable[[], float], aborted: Callable[[], float], idle: Callable[[], bool],
-                        sock: socket.socket) -> float:
+def tokens_after_hangup(generated: Callable[[], float], aborted: Callable[[], float],
+                        idle: Callable[[], bool], sock: socket.socket) -> float:
     """Hang up once the request has made a few tokens; return how many more it made."""
     start, aborts = generated(), aborted()
     wait_for(lambda: generated() - start >= 5, 60, what="the request to generate a few tokens")

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import Process, start_server
 from tests.server.live import assert_api_error, scrape, wait_ready_video
+from tests.serving import Process, start_server
 
 KV_POSITIONS = 1088  # 68 blocks of 16 (one is padding): about two questions of ~530 positions
 KV_BYTES_PER_POSITION = 1024  # the tiny model: 2 layers x 2 (keys, values) x 4 heads x 16 x 4 bytes
@@ -26,8 +26,8 @@ KV_BYTES_PER_POSITION = 1024  # the tiny model: 2 layers x 2 (keys, values) x 4 
 
 @pytest.fixture(scope="module")
 def small_cache(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    process = start_server(tmp_path_factory.mktemp("small-kv"), tiny_checkpoint, max_running=16, queue_size=32,
-                           max_tokens_limit=500,
+    process = start_server(tmp_path_factory.mktemp("small-kv"), tiny_checkpoint, max_running=16,
+                           queue_size=32, max_tokens_limit=500,
                            kv_cache_bytes=(KV_POSITIONS // 16 + 1) * 16 * KV_BYTES_PER_POSITION)
     try:
         yield process

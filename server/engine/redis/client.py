@@ -33,6 +33,7 @@ CARD_CACHE_SECONDS = 2.0
 LEASE_SECONDS = 5.0  # a request's lease: renewed every second while this process relays it
 LEASE_RENEW_SECONDS = 1.0
 LOST_AFTER_SECONDS = 5.0  # neither job nor events in Redis for this long: a restart lost the request
+NO_WORKER_GRACE_SECONDS = 3.0  # a live worker re-advertises itself every 2 s at most
 
 
 @redis_backend
@@ -50,11 +51,19 @@ class RedisEngine:
 
     async def _workers(self) -> list[dict]:
         stamp, cards = self._cards
-        if time.monotonic() - stamp < CARD_CACHE_SECONDS:
+        if cards and time.monotonic() - stamp < CARD_CACHE_SECONDS:
             return cards
         cards = await self.queue.live_workers()
         self._cards = (time.monotonic(), cards)
         return cards
+
+    async def _workers_or_wait(self) -> list[dict]:
+        """The live workers; when there are none, wait a few heartbeats before believing it: after a
+        Redis restart their advertisements are gone until each one's next heartbeat."""
+        deadline = time.monotonic() + NO_WORKER_GRACE_SECONDS
+        while not (workers := await self._workers()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+        return workers
 
     async def model_card(self) -> ModelCard | None:
         cards = await self._workers()
@@ -79,12 +88,13 @@ class RedisEngine:
 
     async def extract(self, job: VideoJob) -> None:
         limit = self.settings.video_queue_size
-        if await self.queue.enqueue_bounded(VIDEOS, job.model_dump_json(), limit, self._dead_after_ms()) is None:
+        if await self.queue.enqueue_bounded(VIDEOS, job.model_dump_json(), limit,
+                                            self._dead_after_ms()) is None:
             raise QueueFull("videos", retry_after=10)
         self.metrics.set_queue_depth("videos", await self.queue.depth(VIDEOS))
 
     async def ask(self, job: QuestionJob) -> EventStream:
-        workers = await self._workers()
+        workers = await self._workers_or_wait()
         if not workers:
             raise EngineUnavailable("no GPU worker is running", code="no_worker")
         limit = self.settings.queue_size + self.settings.max_running * len(workers)
@@ -92,7 +102,8 @@ class RedisEngine:
             # A reclaimed job is replayed from the start; with the same seed it samples the same text.
             job.sampling.seed = random.randrange(1 << 31)
         await self.queue.renew_lease(job.request_id, LEASE_SECONDS)
-        entry_id = await self.queue.enqueue_bounded(QUESTIONS, job.model_dump_json(), limit, self._dead_after_ms())
+        entry_id = await self.queue.enqueue_bounded(QUESTIONS, job.model_dump_json(), limit,
+                                                    self._dead_after_ms())
         self.metrics.set_queue_depth("questions", await self.queue.depth(QUESTIONS))
         if entry_id is None:
             raise QueueFull("questions", retry_after=2)
@@ -110,7 +121,8 @@ class RedisEngine:
         try:
             while not stream.cancelled and not finished:
                 if time.time() > deadline:
-                    stream.put(ErrorEvent(status=504, code="timeout", message="no worker finished the request in time"))
+                    stream.put(ErrorEvent(status=504, code="timeout",
+                                          message="no worker finished the request in time"))
                     break
                 try:
                     if time.monotonic() - renewed >= LEASE_RENEW_SECONDS:
@@ -121,7 +133,8 @@ class RedisEngine:
                         lost_since = None if alive else (lost_since or time.monotonic())
                         if lost_since is not None and time.monotonic() - lost_since > LOST_AFTER_SECONDS:
                             stream.put(ErrorEvent(status=503, code="backend_restarted", message=(
-                                "the request was lost when the queue backend (Redis) restarted; send it again")))
+                                "the request was lost when the queue backend (Redis) restarted; "
+                                "send it again")))
                             break
                     batch = await self.queue.read_events(job.request_id, last, block_ms=250)
                 except Exception as exc:  # Redis went away mid-answer

@@ -30,7 +30,8 @@ def connect(url: str) -> Redis:
     Redis is back. The service retries at its own level (every loop, every emit), so a short
     reconnect attempt here is enough."""
     retry = Retry(ExponentialBackoff(cap=0.25, base=0.05), retries=3)
-    return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=2, health_check_interval=10, retry=retry)
+    return Redis.from_url(url, socket_timeout=30, socket_connect_timeout=2, health_check_interval=10,
+                          retry=retry)
 
 
 def unavailable(exc: BaseException) -> EngineUnavailable:

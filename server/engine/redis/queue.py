@@ -85,7 +85,8 @@ class RedisJobQueue:
         One script, so the check and the append are atomic: a burst of requests, on one API
         process or several, cannot all see room for one more and overshoot the bound.
         """
-        entry = await self.redis.eval(_ENQUEUE_BOUNDED, 1, self.stream(queue), limit, payload, dead_after_ms, GROUP)
+        entry = await self.redis.eval(_ENQUEUE_BOUNDED, 1, self.stream(queue), limit, payload, dead_after_ms,
+                                      GROUP)
         return entry.decode() if entry else None
 
     async def renew_lease(self, request_id: str, seconds: float) -> None:
@@ -98,7 +99,8 @@ class RedisJobQueue:
     async def cancel(self, request_id: str) -> None:
         await self.redis.set(self.cancel_key(request_id), 1, ex=self.event_ttl)
 
-    async def read_events(self, request_id: str, last_id: str, block_ms: int) -> list[tuple[str, int, AnyEvent]]:
+    async def read_events(self, request_id: str, last_id: str,
+                          block_ms: int) -> list[tuple[str, int, AnyEvent]]:
         reply = await self.redis.xread({self.events_key(request_id): last_id}, count=256, block=block_ms)
         return [(entry_id.decode(), int(fields.get(b"attempt", b"1")), load_event(fields[b"event"]))
                 for _, entries in reply or [] for entry_id, fields in entries]
@@ -124,12 +126,14 @@ class RedisJobQueue:
                 self._groups_ready.discard(queue)
                 return []
             raise
-        return [(entry_id.decode(), fields[b"job"].decode()) for _, entries in reply or [] for entry_id, fields in entries]
+        return [(entry_id.decode(), fields[b"job"].decode())
+                for _, entries in reply or [] for entry_id, fields in entries]
 
     async def reclaim(self, queue: str, consumer: str, min_idle_ms: int, count: int) -> list[tuple[str, str]]:
         """Take over jobs whose worker stopped refreshing them (it died)."""
         try:
-            reply = await self.redis.xautoclaim(self.stream(queue), GROUP, consumer, min_idle_ms, "0-0", count=count)
+            reply = await self.redis.xautoclaim(self.stream(queue), GROUP, consumer, min_idle_ms, "0-0",
+                                                count=count)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 self._groups_ready.discard(queue)

@@ -46,10 +46,13 @@ def test_a_newer_peers_extra_fields_are_ignored_but_unknown_types_refused() -> N
 
 def test_a_question_job_round_trips_with_its_typed_parts() -> None:
     job = QuestionJob(
-        request_id="req-1", messages=[Turn(role="user", content="Who?"), Turn(role="assistant", content="A cat."),
-                                      Turn(role="user", content="And then?")],
-        media=MediaRef(kind="video", digest="ab" * 32, video_id="vid-1", sampling=Sampling(fps=2.0, max_frames=64)),
-        sampling=SamplingParams(temperature=0.7, max_tokens=32, stop=["\n"], seed=3), relevance=True, deadline=1e10)
+        request_id="req-1",
+        messages=[Turn(role="user", content="Who?"), Turn(role="assistant", content="A cat."),
+                  Turn(role="user", content="And then?")],
+        media=MediaRef(kind="video", digest="ab" * 32, video_id="vid-1",
+                       sampling=Sampling(fps=2.0, max_frames=64)),
+        sampling=SamplingParams(temperature=0.7, max_tokens=32, stop=["\n"], seed=3), relevance=True,
+        deadline=1e10)
     again = QuestionJob.model_validate_json(job.model_dump_json())
     assert again == job and again.version == JOB_VERSION
     assert isinstance(again.media.sampling, Sampling) and again.sampling.stop == ["\n"]

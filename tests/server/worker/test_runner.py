@@ -28,7 +28,8 @@ from server.worker.runner import ModelRunner
 def job(question: str = "What happens?", max_tokens: int = 40, deadline: float = 60.0) -> QuestionJob:
     now = time.time()
     return QuestionJob(request_id=f"req-{question}", messages=[Turn(role="user", content=question)],
-                       sampling=SamplingParams(max_tokens=max_tokens), arrival_time=now, deadline=now + deadline)
+                       sampling=SamplingParams(max_tokens=max_tokens), arrival_time=now,
+                       deadline=now + deadline)
 
 
 def make_runner(model, tmp_path: Path, num_blocks: int = 256, block_size: int = 16, **kwargs) -> ModelRunner:
@@ -134,7 +135,8 @@ async def test_a_question_that_can_never_fit_the_cache_is_a_400(tiny_model, tmp_
     await runner.start()
     try:
         error = final(await answer(runner, job("Tell me a long story.", max_tokens=200)))
-        assert isinstance(error, ErrorEvent) and (error.status, error.code) == (400, "context_length_exceeded")
+        assert (isinstance(error, ErrorEvent)
+                and (error.status, error.code) == (400, "context_length_exceeded"))
         assert "positions" in error.message and "holds 64" in error.message
     finally:
         runner.close()
@@ -151,7 +153,8 @@ async def test_a_cache_for_two_questions_answers_many_exactly(tiny_model, tmp_pa
         expected = [await answer(alone, q) for q in questions]
     finally:
         alone.close()
-    small = make_runner(tiny_model, tmp_path / "small", num_blocks=26, block_size=16, max_running=8)  # 400 positions
+    # 400 positions
+    small = make_runner(tiny_model, tmp_path / "small", num_blocks=26, block_size=16, max_running=8)
     await small.start()
     usage, sampling = [], True
 
@@ -169,7 +172,8 @@ async def test_a_cache_for_two_questions_answers_many_exactly(tiny_model, tmp_pa
         small.close()
     for mine, theirs in zip(got, expected):
         assert isinstance(final(mine), DoneEvent)
-        assert [e.text for e in mine if isinstance(e, DeltaEvent)] == [e.text for e in theirs if isinstance(e, DeltaEvent)]
+        assert ([e.text for e in mine if isinstance(e, DeltaEvent)]
+                == [e.text for e in theirs if isinstance(e, DeltaEvent)])
     assert max(usage) <= 1.0 and max(usage) > 0.5  # it was used, and never past full
     assert small.metrics.num_preemptions._value.get() >= 1  # some were swapped out and back in
     assert all_blocks_free(small)
@@ -208,7 +212,8 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_mo
     calls: list[str] = []
     decoder = runner.scheduler.decoder
     real_prefill, real_step = decoder.prefill, decoder.step
-    monkeypatch.setattr(decoder, "prefill", lambda seq: calls.append(f"prefill {seq.prompt_len}") or real_prefill(seq))
+    monkeypatch.setattr(decoder, "prefill",
+                        lambda seq: calls.append(f"prefill {seq.prompt_len}") or real_prefill(seq))
     monkeypatch.setattr(decoder, "step", lambda seqs: calls.append(f"step {len(seqs)}") or real_step(seqs))
     try:
         first = asyncio.ensure_future(answer(runner, job("Short?", max_tokens=60)))
@@ -225,3 +230,26 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tiny_mo
     assert len(long_chunks) == -(-longest // 16) >= 5  # the long prompt took several chunks
     between = [calls[a + 1 : b] for a, b in zip(long_chunks, long_chunks[1:])]
     assert all(any(c.startswith("step") for c in gap) for gap in between), calls
+
+
+async def test_a_backend_outage_mid_question_is_a_clean_503(tiny_model, tmp_path: Path) -> None:
+    """The records' backend is unreachable while a video question looks up its extraction: the client
+    gets a 503 naming the backend, not an internal error."""
+    from server.engine.jobs import MediaRef, Sampling
+    from server.engine.protocol import EngineUnavailable
+
+    class Unreachable(MemoryVideoRegistry):
+        async def claim(self, video_id: str, stale_after: float) -> bool:
+            raise EngineUnavailable("the queue backend (Redis) is unreachable: refused",
+                                    code="redis_unavailable")
+
+    runner = ModelRunner(tiny_model, MemoryFeatureStore(1 << 26), DiskMediaStore(tmp_path / "media", 1 << 26),
+                         Unreachable(), LlamaVidMetrics(), num_blocks=64)
+    await runner.start()
+    try:
+        question = job("What happens?").model_copy(update={"media": MediaRef(
+            kind="video", digest="ab" * 32, video_id="vid-" + "0" * 24, sampling=Sampling())})
+        error = final(await answer(runner, question))
+    finally:
+        runner.close()
+    assert isinstance(error, ErrorEvent) and (error.status, error.code) == (503, "redis_unavailable")
