@@ -27,3 +27,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/kv_cache.py
+	$(BIN)/python bench/ingest.py

@@ -7,6 +7,7 @@ turn; the open assistant turn renders as ``ROLE:``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -50,7 +51,9 @@ TEMPLATES: dict[str, ConversationTemplate] = {
 }
 
 
-def get_template(name: str) -> ConversationTemplate:
+def get_template(name: str | ConversationTemplate) -> ConversationTemplate:
+    if isinstance(name, ConversationTemplate):
+        return name
     try:
         return TEMPLATES[name]
     except KeyError:
@@ -92,6 +95,70 @@ def build_prompt(
     return template.render(turns)
 
 
-def long_video_text(num_frames: int, tokens_per_frame: int = 2) -> str:
-    """The stage-3 movie framing: ``tokens_per_frame`` placeholders per frame (spec §6.2)."""
-    return LONG_VIDEO_PREFIX + IMAGE_PLACEHOLDER * (num_frames * tokens_per_frame) + LONG_VIDEO_SUFFIX + "\n"
+@dataclass(frozen=True)
+class VisualLayout:
+    """How the visual input stands in the prompt: its ``<image>`` placeholders and the text between.
+
+    ``movie`` is the stage-3 framing of a long-video checkpoint (spec §6.2); ``subtitles`` holds,
+    per frame, the texts said over it (``model.subtitles.frame_texts``). Both need one placeholder
+    per visual token, since text sits between the frames' tokens; otherwise a single ``<image>``
+    stands for all of them, as in the official short-video and image prompts.
+    """
+
+    num_frames: int
+    tokens_per_frame: int
+    movie: bool = False
+    subtitles: Sequence[Sequence[str]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.subtitles is None:
+            return
+        if len(self.subtitles) != self.num_frames:
+            raise ValueError(f"subtitles are given for {len(self.subtitles)} frames but the visual input has "
+                             f"{self.num_frames}")
+        for i, texts in enumerate(self.subtitles):
+            if isinstance(texts, str) or any(IMAGE_PLACEHOLDER in text for text in texts):
+                raise ValueError(f"subtitles of frame {i}: expected a list of texts without {IMAGE_PLACEHOLDER!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+    @property
+    def per_token(self) -> bool:
+        """Whether each visual token has its own placeholder (else one placeholder takes them all)."""
+        return self.movie or self.subtitles is not None
+
+    def frames_text(self) -> str:
+        """The official interleaving (spec §6.3 step 4): per frame, its placeholders then its texts
+        joined by a space, with no separator between frames."""
+        per_frame = self.subtitles if self.subtitles is not None else [()] * self.num_frames
+        return "".join(IMAGE_PLACEHOLDER * self.tokens_per_frame + " ".join(texts) for texts in per_frame)
+
+    def text(self, *, every_token: bool = False) -> str:
+        """The text that stands for the visual input in front of the question.
+
+        ``every_token`` writes one placeholder per visual token even where the model's prompt has
+        a single one for all: the token sequence is the same (placeholders with nothing between
+        them tokenize to nothing), but a reader sees how many visual tokens there are.
+        """
+        if self.movie:
+            return LONG_VIDEO_PREFIX + self.frames_text() + LONG_VIDEO_SUFFIX + "\n"
+        if self.per_token or every_token:
+            # A short-video model's frames and subtitles stand where "<image>" stands; the "\n"
+            # before the question stays, as training's feature-file branch keeps it (spec §6.3).
+            return self.frames_text() + "\n"
+        return IMAGE_PLACEHOLDER + "\n"
+
+
+def visual_prompt(
+    template: ConversationTemplate,
+    messages: list[Message],
+    layout: VisualLayout | None,
+    *,
+    image_turn: str = "last",
+    every_token: bool = False,
+) -> str:
+    """The chat with the visual input (``None``: text only) in front of one user turn's text."""
+    image_text = "" if layout is None else layout.text(every_token=every_token)
+    return build_prompt(template, messages, image_text=image_text, image_turn=image_turn)

@@ -4,14 +4,15 @@ The work is split along the line the feature cache needs:
 
 * ``encode_frames`` is question-independent (EVA only) and is what the service caches;
 * ``frame_tokens`` turns cached features plus a question into the visual tokens;
-* ``prepare`` renders the conversation and splices the visual tokens into the LLM's input;
+* ``prepare`` renders the conversation (with per-frame subtitles interleaved, if any) and splices
+  the visual tokens into the LLM's input; ``prompt_text`` shows that prompt without running anything;
 * ``stream`` generates, yielding text deltas.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -20,15 +21,8 @@ from transformers import InstructBlipQFormerModel, LlamaForCausalLM
 
 from .batching import PagedDecoder
 from .config import LlamaVidConfig
-from .conversation import (
-    IMAGE_PLACEHOLDER,
-    ConversationTemplate,
-    Message,
-    build_prompt,
-    get_template,
-    long_video_text,
-)
-from .eva import EvaVisionTower
+from .conversation import ConversationTemplate, Message, VisualLayout, get_template, visual_prompt
+from .eva import EvaVisionTower, lavis_dims
 from .frame_tokens import FrameTokens, LlamaVidVisualHead
 from .generate import GenerationDefaults, GenerationParams, generate_tokens, with_budget
 from .generation import Generation, TextDelta
@@ -36,11 +30,71 @@ from .kv_cache import BlockPool
 from .preprocess import ClipPreprocessor
 from .qformer import QFormerTokenizer
 from .tokenizer import IMAGE_TOKEN_INDEX, LlamaTextTokenizer
+from .weights import load_torch_file
 
 VisualKind = Literal["video", "image"]
 
 DEFAULT_TEMPLATE = "vicuna_v1"
+EVA_G_PATCH = 14  # the patch size of LAVIS' EVA-G, the tower of every released checkpoint
 FRAME_BLOCK = 64  # frames per Q-Former block: bounds memory for hour-long videos (spec §4.3)
+
+
+def visual_layout(
+    config: LlamaVidConfig,
+    num_patches: int,
+    num_frames: int,
+    *,
+    kind: VisualKind = "video",
+    subtitles: Sequence[Sequence[str]] | None = None,
+) -> VisualLayout:
+    """How ``num_frames`` frames of ``kind`` stand in this checkpoint's prompt (``num_patches``: EVA's).
+
+    A long-video checkpoint frames a video as a movie, whose features reach the visual head
+    without CLS (``num_patches`` tokens where others have ``1 + num_patches``). Subtitles go with
+    videos only: an image has no timeline to put them on.
+    """
+    if subtitles is not None and kind != "video":
+        raise ValueError(f"subtitles go with a video, not an {kind}")
+    movie = kind == "video" and config.long_video
+    tokens_per_frame = config.tokens_per_frame(num_patches - 1 if movie else num_patches)
+    return VisualLayout(num_frames, tokens_per_frame, movie=movie, subtitles=subtitles)
+
+
+def checkpoint_num_patches(config: LlamaVidConfig) -> int:
+    """EVA's patch count for a checkpoint without loading it: the processor's crop size over the
+    tower's patch size (its tensors memory-mapped, not read). Without the files it falls back to
+    what every released checkpoint uses, 224 px and EVA-G's 14 px patches."""
+    try:
+        crop = ClipPreprocessor.from_dir(config.image_processor_path).crop_size
+    except (OSError, ValueError):
+        crop = 224
+    path = config.vision_tower_path
+    patch = lavis_dims(load_torch_file(path), str(path))[3] if path.is_file() else EVA_G_PATCH
+    return (crop // patch) ** 2
+
+
+def checkpoint_prompt_text(
+    config: LlamaVidConfig,
+    num_patches: int,
+    messages: list[Message],
+    num_frames: int,
+    *,
+    subtitles: Sequence[Sequence[str]] | None = None,
+    template: str | ConversationTemplate = DEFAULT_TEMPLATE,
+    image_turn: str = "last",
+    kind: VisualKind = "video",
+) -> str:
+    """The text prompt the LLM receives for ``num_frames`` frames (0: text only), each visual token
+    written as ``<image>``, so users can check what the model sees without loading it.
+
+    It is ``LlamaVid.prepare(...).prompt`` except that where the model's prompt has one ``<image>``
+    for all visual tokens (a short video or an image without subtitles) it shows one per token;
+    both tokenize to the same sequence.
+    """
+    if not num_frames and subtitles is not None:
+        raise ValueError("subtitles need a video to go with")
+    layout = visual_layout(config, num_patches, num_frames, kind=kind, subtitles=subtitles) if num_frames else None
+    return visual_prompt(get_template(template), messages, layout, image_turn=image_turn, every_token=True)
 
 
 @dataclass
@@ -169,30 +223,74 @@ class LlamaVid(nn.Module):
         template: str | ConversationTemplate = DEFAULT_TEMPLATE,
         image_turn: str = "last",
         with_relevance: bool = False,
+        subtitles: Sequence[Sequence[str]] | None = None,
     ) -> PreparedPrompt:
-        """Render the chat, build the visual tokens for the question, splice them into embeddings."""
-        template = get_template(template) if isinstance(template, str) else template
+        """Render the chat, build the visual tokens for the question, splice them into embeddings.
+
+        ``subtitles`` holds, per frame of ``visual``, the texts said over it
+        (``model.subtitles.frame_texts``); they are interleaved after each frame's tokens as the
+        long-video model was trained (spec §6.3). The Q-Former still reads only the question.
+        """
+        template = get_template(template)
         if visual is None:
-            prompt = build_prompt(template, messages, image_text="")
+            if subtitles is not None:
+                raise ValueError("subtitles need a video to go with")
+            prompt = visual_prompt(template, messages, None)
             ids = self.tokenizer.encode(prompt)
             return PreparedPrompt(prompt, ids, self.splice_embeddings(ids, []), 0)
 
         question = messages[-1].content if image_turn == "last" else messages[0].content
         features = visual.features
-        long_video = visual.kind == "video" and self.config.long_video
-        if long_video and features[0].shape[0] == 1 + self.vision.num_patches:
+        # validated before any compute: a wrong frame count fails fast
+        layout = visual_layout(self.config, self.vision.num_patches, len(features), kind=visual.kind,
+                               subtitles=subtitles)
+        if layout.movie and features[0].shape[0] == 1 + self.vision.num_patches:
             # stage-3 drops CLS (feats[:, 1:]), whatever the token count's parity
             features = features[:, 1:] if isinstance(features, torch.Tensor) else [f[1:] for f in features]
         frame = self.frame_tokens(features, question, with_relevance=with_relevance)
-        if long_video:
-            image_text = long_video_text(len(features), frame.tokens_per_frame)
-            pieces = list(frame.tokens.split(1))
-        else:
-            image_text = IMAGE_PLACEHOLDER + "\n"
-            pieces = [frame.tokens]
-        prompt = build_prompt(template, messages, image_text=image_text, image_turn=image_turn)
+        layout = replace(layout, tokens_per_frame=frame.tokens_per_frame)  # what the head made, to the token
+        pieces = list(frame.tokens.split(1)) if layout.per_token else [frame.tokens]
+        prompt = visual_prompt(template, messages, layout, image_turn=image_turn)
         ids = self.tokenizer.encode_with_images(prompt)
         return PreparedPrompt(prompt, ids, self.splice_embeddings(ids, pieces), frame.tokens.shape[0], frame.relevance)
+
+    def prompt_text(
+        self,
+        messages: list[Message],
+        num_frames: int,
+        *,
+        subtitles: Sequence[Sequence[str]] | None = None,
+        template: str | ConversationTemplate = DEFAULT_TEMPLATE,
+        image_turn: str = "last",
+        kind: VisualKind = "video",
+    ) -> str:
+        """The text prompt the LLM receives for ``num_frames`` frames: see ``checkpoint_prompt_text``."""
+        return checkpoint_prompt_text(self.config, self.vision.num_patches, messages, num_frames,
+                                      subtitles=subtitles, template=template, image_turn=image_turn, kind=kind)
+
+    def num_prompt_tokens(
+        self,
+        messages: list[Message],
+        num_frames: int,
+        *,
+        subtitles: Sequence[Sequence[str]] | None = None,
+        template: str | ConversationTemplate = DEFAULT_TEMPLATE,
+        image_turn: str = "last",
+        kind: VisualKind = "video",
+    ) -> int:
+        """The length ``prepare`` would give the prompt, visual tokens included, without running
+        the visual head: what fitting a video's frames to the context counts (tokenizing only)."""
+        text = self.prompt_text(messages, num_frames, subtitles=subtitles, template=template,
+                                image_turn=image_turn, kind=kind)
+        return len(self.tokenizer.encode_with_images(text))
+
+    @torch.inference_mode()
+    def relevance(self, features: torch.Tensor | Sequence[torch.Tensor], question: str) -> torch.Tensor:
+        """Each frame's relevance to the question [T] (the context attention's score, as
+        ``prepare(with_relevance=True)`` reports it), for choosing frames before the prompt is built."""
+        if self.config.long_video and features[0].shape[0] == 1 + self.vision.num_patches:
+            features = features[:, 1:] if isinstance(features, torch.Tensor) else [f[1:] for f in features]
+        return self.frame_tokens(features, question, with_relevance=True).relevance
 
     def splice_embeddings(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
         """Text embeddings with ``visual[k]`` spliced in at the k-th placeholder (spec §5.4)."""

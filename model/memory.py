@@ -37,7 +37,7 @@ class MemoryPlan:
     utilization: float
     dtype: str
     quantization: str
-    parts: dict[str, int]  # weight bytes of llm, eva, qformer, head
+    parts: dict[str, int]  # weight bytes of llm, eva, qformer, head (and asr, when on the device)
     weights_bytes: int
     activation_bytes: int
     hot_tier_bytes: int
@@ -94,6 +94,7 @@ def plan_memory(
     quantization: str = "none",
     kv_cache_bytes: int | None = None,
     hot_tier_bytes: int = 0,
+    asr_bytes: int = 0,
     encode_batch: int = 32,
     prefill_chunk: int = 512,
     max_running: int = 8,
@@ -101,7 +102,8 @@ def plan_memory(
     block_size: int = 16,
     eva_dims: tuple[int, int, int, int] | None = None,
 ) -> MemoryPlan:
-    """``eva_dims`` (width, depth, MLP width, patch size) stands in for the tower file's shapes."""
+    """``eva_dims`` (width, depth, MLP width, patch size) stands in for the tower file's shapes;
+    ``asr_bytes``: a speech-to-text model's weights on the same device."""
     image_size = _crop_size(config)
     eva = _eva_tower(config, image_size, eva_dims)
     element = torch.tensor([], dtype=dtype).element_size()
@@ -111,6 +113,7 @@ def plan_memory(
         "qformer": _module_bytes(_on_meta(lambda: build_qformer(config.qformer, config.mm_hidden_size)),
                                  dtype),
         "head": _module_bytes(_on_meta(lambda: LlamaVidVisualHead(config)), dtype),
+        **({"asr": asr_bytes} if asr_bytes else {}),
     }
     weights = sum(parts.values())
     llama = config.llama_config()

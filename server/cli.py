@@ -1,4 +1,4 @@
-"""The ``llamavid`` command line: serve, api, worker, ask, plan, parity, make-tiny, train-demo, eval-demo, demo-clip.
+"""The ``llamavid`` command line: serve, api, worker, ask, prompt, plan, parity, make-tiny, train-demo, eval-demo, demo-clip.
 
 Each subcommand imports what it needs when it runs, so ``llamavid parity`` works without the
 server extras installed and ``llamavid --help`` is instant.
@@ -54,6 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--template", default="vicuna_v1")
     ask.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
 
+    prompt = sub.add_parser(
+        "prompt", help="print the exact text prompt the model gets for a video (visual tokens as <image>)",
+        description="Print the exact text prompt a checkpoint's LLM receives for a question about a video, each "
+                    "visual token written as <image>. Reads config.json, the processor and the video's frame "
+                    "times only: no weights, no model run.")
+    prompt.add_argument("video", help="video file")
+    prompt.add_argument("question")
+    prompt.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
+    prompt.add_argument("--subtitles", default=None, metavar="FILE|auto|none",
+                        help="an SRT or WebVTT file; 'auto': the video's own text subtitle track; 'none'. Default, as "
+                             "the service: 'auto' for a long-video checkpoint, 'none' for the others")
+    prompt.add_argument("--fps", type=float, default=1.0)
+    prompt.add_argument("--max-frames", type=int, default=None)
+    prompt.add_argument("--template", default="vicuna_v1")
+
     plan = sub.add_parser("plan", help="how a checkpoint fits a GPU: weights, activation reserve, KV cache (JSON)",
                           description="Work out the memory plan from config.json alone (no weights are read).")
     plan.add_argument("--model", help="checkpoint folder or hub id (default: the bundled demo model)")
@@ -93,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "api": _run_server,
         "worker": _run_server,
         "ask": _ask,
+        "prompt": _prompt,
         "plan": _plan,
         "parity": _parity,
         "make-tiny": _make_tiny,
@@ -164,6 +180,9 @@ def _ask(args: argparse.Namespace) -> int:
         video, indices = plan_video(data, FrameSampling(args.fps, args.max_frames))
         with tqdm(total=len(indices), unit="frame", desc="encoding", file=sys.stderr) as bar:
             encoded = encode_video(model, video, indices, progress=lambda done, total: bar.update(done - bar.n))
+        if encoded.skipped:
+            print(f"llamavid ask: {len(encoded.skipped)} of {len(indices)} sampled frames do not decode and were "
+                  "left out", file=sys.stderr)
         visual = VisualInput(encoded.features, "video")
     prepared = model.prepare([Message("user", args.question)], visual, template=args.template)
     params = model.params(prepared, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
@@ -171,6 +190,32 @@ def _ask(args: argparse.Namespace) -> int:
         sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _prompt(args: argparse.Namespace) -> int:
+    from model.config import LlamaVidConfig
+    from model.conversation import Message
+    from model.demo import default_model_dir
+    from model.llama_vid import checkpoint_num_patches, checkpoint_prompt_text
+    from model.loader import resolve_model_dir
+    from model.subtitles import container_subtitles, frame_texts, load_subtitles
+    from model.video import FrameSampling, VideoFile, sample_indices
+
+    try:
+        config = LlamaVidConfig.from_dir(resolve_model_dir(args.model or default_model_dir()))
+        video = VideoFile(args.video)
+        indices = sample_indices(video.info, FrameSampling(args.fps, args.max_frames))
+        choice = args.subtitles or ("auto" if config.long_video else "none")
+        cues = (None if choice == "none" else container_subtitles(args.video) if choice == "auto"
+                else load_subtitles(Path(choice)))
+        texts = None if cues is None else frame_texts(cues, video.timestamps(indices))
+        text = checkpoint_prompt_text(config, checkpoint_num_patches(config), [Message("user", args.question)],
+                                      len(indices), subtitles=texts, template=args.template)
+    except (OSError, ValueError) as exc:  # a missing file, a bad video, subtitle file or checkpoint
+        print(f"llamavid prompt: {exc}", file=sys.stderr)
+        return 2
+    print(text)
     return 0
 
 

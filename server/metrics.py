@@ -39,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 FINISHED_REASONS: Final = ("stop", "length", "abort", "error")
-STAGES: Final = ("fetch", "decode", "encode", "tokens", "prefill", "decode_step")
+STAGES: Final = ("fetch", "decode", "encode", "transcribe", "tokens", "prefill", "decode_step")
 CACHE_TIERS: Final = ("hot", "cold", "memory")
 QUEUES: Final = ("questions", "videos")
 VIDEO_JOB_STATUSES: Final = ("done", "failed", "cancelled")
@@ -137,10 +137,20 @@ class LlamaVidMetrics:
             "llamavid_frames_decoded", "Video frames decoded and sampled.", registry=r)
         self.frames_encoded = Counter(
             "llamavid_frames_encoded", "Video frames run through the vision encoder.", registry=r)
+        self.subtitles_worked_out = Counter(
+            "llamavid_video_subtitles",
+            "Videos whose own subtitles were worked out (once per video; later questions read them back), by "
+            "where they came from: container (a subtitle track), asr (speech-to-text), none.",
+            ["source"], registry=r)
+        for source in ("container", "asr", "none"):
+            self.subtitles_worked_out.labels(source)  # exported at 0 from the start, so rate() works
+        self.audio_seconds_transcribed = Counter(
+            "llamavid_audio_seconds_transcribed", "Seconds of audio run through speech-to-text.", registry=r)
         self.stage_seconds = Histogram(
             "llamavid_stage_seconds",
             "Seconds spent per processing stage: fetch (read video bytes), decode (decode and "
-            "sample frames), encode (vision encoder and Q-Former), tokens (build prompt inputs), "
+            "sample frames), encode (vision encoder and Q-Former), transcribe (a video's subtitle track or "
+            "speech-to-text), tokens (build prompt inputs), "
             "prefill, decode_step (one generation step).",
             ["stage"], buckets=STAGE_BUCKETS, registry=r)
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     device: str | None = Field(None, description="cpu, cuda, cuda:N; unset: cuda when available")
     dtype: Literal["float16", "bfloat16", "float32"] | None = Field(None, description="unset: fp16 on GPU, fp32 on CPU")
     quantization: Literal["none", "4bit", "8bit"] = "none"
+    asr_model: str | None = Field(None, description="local Whisper folder (transformers layout) that transcribes "
+                                  "videos without subtitles when a question wants them; unset: no speech-to-text")
     template: str = Field("vicuna_v1", description="conversation template")
 
     # -- HTTP ----------------------------------------------------------------------------------
@@ -38,9 +40,11 @@ class Settings(BaseSettings):
     # -- limits --------------------------------------------------------------------------------
     fps: float = Field(1.0, gt=0, description="default frame sampling rate (the official rule: 1 fps)")
     max_fps: float = Field(8.0, gt=0)
-    max_frames: int = Field(512, ge=1, description="cap on sampled frames per video")
+    max_frames: int = Field(3600, ge=1, description="cap on sampled frames per video (an hour at 1 fps; longer "
+                            "videos are sampled evenly down to it, and a question thins them to fit its context)")
     max_video_bytes: int = Field(1024 * MiB, ge=1)
     max_image_bytes: int = Field(32 * MiB, ge=1)
+    max_subtitle_bytes: int = Field(8 * MiB, ge=1, description="SRT/WebVTT files, uploaded or fetched")
     max_video_seconds: float = Field(4 * 3600.0, gt=0)
     max_question_chars: int = Field(16_000, ge=1)
     max_messages: int = Field(64, ge=1)

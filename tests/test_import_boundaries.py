@@ -9,7 +9,7 @@ Which code runs in which process is a property of the import graph, so the graph
   ``server.api`` (the HTTP process) does not import ``server.worker``; ``server.fetch`` imports
   no other room; ``server.worker`` does not import ``server.api``.
 * Torch-free rooms: nothing reachable from ``server.api``, ``server.engine``, ``server.fetch``,
-  the torch-free leaves of ``model`` (video, image, conversation) and of ``cache`` (keys,
+  the torch-free leaves of ``model`` (video, image, conversation, subtitles) and of ``cache`` (keys,
   manifest, errors, purge) imports torch, transformers or safetensors, following project imports
   transitively (lazy ones inside functions included).
 
@@ -41,7 +41,7 @@ FORBIDDEN: dict[str, set[str]] = {
 MODEL_CORE_FORBIDDEN = {"model.tools", "model.demo"}  # for model/*.py, the inference core itself
 TORCH = {"torch", "transformers", "safetensors", "accelerate", "bitsandbytes"}
 TORCH_FREE = ("server.api", "server.engine", "server.fetch", "server.settings", "server.metrics",
-              "model.video", "model.image", "model.conversation",
+              "model.video", "model.decoders", "model.image", "model.conversation", "model.subtitles",
               "cache.keys", "cache.manifest", "cache.errors", "cache.purge")
 
 

@@ -13,9 +13,10 @@ import re
 
 from cache.keys import digest_bytes
 from model.image import ImageDecodeError, decode_image
+from model.subtitles import SubtitleError, load_subtitles
 from model.video import FrameSampling, VideoDecodeError, VideoFile, sample_indices
 
-from ..engine.jobs import MediaRef, Sampling, VideoJob, VideoRecord, new_id
+from ..engine.jobs import MediaRef, Sampling, SubtitleRef, VideoJob, VideoRecord, new_id
 from ..engine.protocol import EngineClient, QueueFull
 from ..fetch import FetchedMedia, MediaPolicy, decode_data_url, fetch_url, read_upload
 from ..metrics import LlamaVidMetrics
@@ -38,6 +39,7 @@ class MediaIngest:
         )
         self.video_policy = MediaPolicy(max_bytes=settings.max_video_bytes, **common)
         self.image_policy = MediaPolicy(max_bytes=settings.max_image_bytes, **common)
+        self.subtitle_policy = MediaPolicy(max_bytes=settings.max_subtitle_bytes, **common)
 
     # -- sampling ----------------------------------------------------------------------------------
     def sampling(self, options: FrameOptions | None, base: Sampling | None = None) -> Sampling:
@@ -68,49 +70,91 @@ class MediaIngest:
 
     # -- bytes -------------------------------------------------------------------------------------
     async def fetch(self, url: str, kind: str, field: str) -> FetchedMedia:
-        policy = self.video_policy if kind == "video" else self.image_policy
+        policy = {"video": self.video_policy, "image": self.image_policy, "subtitles": self.subtitle_policy}[kind]
         with self.metrics.stage("fetch"):
             if url.startswith("data:"):
                 return decode_data_url(url, policy.max_bytes, kind=kind, field=field)
             return await fetch_url(url, policy, kind=kind, field=field)
 
-    async def upload(self, file, kind: str = "video") -> FetchedMedia:
-        limit = self.settings.max_video_bytes if kind == "video" else self.settings.max_image_bytes
+    async def upload(self, file, kind: str = "video", field: str = "file") -> FetchedMedia:
+        limit = {"video": self.settings.max_video_bytes, "image": self.settings.max_image_bytes,
+                 "subtitles": self.settings.max_subtitle_bytes}[kind]
         with self.metrics.stage("fetch"):
-            return await read_upload(file, limit, kind, field="file")
+            return await read_upload(file, limit, kind, field=field)
+
+    # -- subtitles ---------------------------------------------------------------------------------
+    async def subtitles(self, value: str | None, field: str = "subtitles") -> SubtitleRef | None:
+        """A request's ``subtitles`` field: "none", "auto", SRT/WebVTT text, or an http(s)/data: URL
+        of a file (fetched under the same address guard as media). None: the field was not given."""
+        if value is None:
+            return None
+        word = value.strip().lower()
+        if word in ("none", "auto"):
+            return SubtitleRef(source=word)
+        if word.startswith(("http://", "https://", "data:")):
+            with self.metrics.stage("fetch"):
+                if word.startswith("data:"):
+                    data = decode_data_url(value, self.settings.max_subtitle_bytes, kind="subtitles",
+                                           field=field).data
+                else:
+                    data = (await fetch_url(value, self.subtitle_policy, kind="subtitles", field=field)).data
+        else:
+            data = value.encode("utf-8")
+            if len(data) > self.settings.max_subtitle_bytes:
+                raise APIError(413, f"{field} is larger than the {self.settings.max_subtitle_bytes}-byte limit",
+                               code="media_too_large", param=field)
+        return await self.keep_subtitles(data, field)
+
+    async def keep_subtitles(self, data: bytes, field: str) -> SubtitleRef:
+        """Check that the bytes are SRT or WebVTT with at least one cue, and store them for the worker."""
+        try:
+            cues = await asyncio.to_thread(load_subtitles, data)
+        except SubtitleError as exc:
+            raise APIError(400, f"{field}: {exc}", code="invalid_subtitles", param=field) from exc
+        if not cues:
+            raise APIError(400, f"{field}: the subtitles have no cue with text", code="invalid_subtitles",
+                           param=field)
+        digest = digest_bytes(data)
+        await self.engine.media.put(digest, data)
+        return SubtitleRef(source="file", digest=digest)
 
     # -- videos ------------------------------------------------------------------------------------
-    async def video(self, data: bytes, sampling: Sampling, filename: str | None = None) -> VideoRecord:
-        """Register a video (or find the same bytes + sampling already registered) and queue extraction."""
+    async def video(self, data: bytes, sampling: Sampling, filename: str | None = None, *,
+                    subtitles: SubtitleRef | None = None) -> VideoRecord:
+        """Register a video (or find the same bytes + sampling + subtitles already registered) and
+        queue extraction. Subtitles uploaded with a video stay with its record, for its questions."""
         digest, info = await asyncio.to_thread(self._probe, data)
-        return await self._register(digest, info, len(data), sampling, filename, data, video_mime(data))
+        return await self._register(digest, info, len(data), sampling, filename, data, video_mime(data),
+                                    subtitles=_attached(subtitles))
 
     def _probe(self, data: bytes):
         try:
-            info = VideoFile(data).info
+            with VideoFile(data) as video:
+                info = video.info
         except VideoDecodeError as exc:
-            raise APIError(400, str(exc), code="invalid_video") from exc
+            raise APIError(415 if exc.code == "audio_only" else 400, str(exc), code=exc.code) from exc
         if info.duration > self.settings.max_video_seconds:
             raise APIError(413, f"the video is {info.duration:.0f}s long; this server accepts up to "
                                 f"{self.settings.max_video_seconds:.0f}s", code="video_too_long")
         return digest_bytes(data), info
 
     async def _register(self, digest, info, size, sampling: Sampling, filename, data: bytes | None,
-                        content_type: str | None = None) -> VideoRecord:
+                        content_type: str | None = None, *, subtitles: str | None = None) -> VideoRecord:
         planned = sample_indices(info, FrameSampling(sampling.fps, sampling.max_frames, sampling.start, sampling.end))
         if not planned:
             raise APIError(400, f"no frames to sample: the video is {info.duration:.1f}s long and the range starts at "
                                 f"{sampling.start}s", code="empty_frame_range", param="start_time")
-        existing = await self.engine.registry.find(digest, sampling)
+        existing = await self.engine.registry.find(digest, sampling, subtitles)
         if existing is not None:
             return existing
         if data is not None:
             await self.engine.media.put(digest, data)
         record = VideoRecord(
             id=new_id("vid"), digest=digest, sampling=sampling, frames_total=len(planned),
-            timestamps=[round(i / info.avg_fps, 3) for i in planned], content_type=content_type,
+            timestamps=[round(t, 3) for t in info.times(planned)], content_type=content_type,
             duration=info.duration, source_fps=info.avg_fps, fps=sampling.fps, width=info.width,
-            height=info.height, bytes=size, filename=filename,
+            height=info.height, bytes=size, filename=filename, subtitles=subtitles,
+            rotation=getattr(info, "rotation", 0),
         )
         await self.engine.registry.put(record)
         try:
@@ -121,7 +165,8 @@ class MediaIngest:
         return record
 
     async def video_by_id(self, video_id: str, options: FrameOptions | None) -> VideoRecord:
-        """An uploaded video; other sampling options make (or reuse) a sibling record of the same bytes."""
+        """An uploaded video; other sampling options make (or reuse) a sibling record of the same bytes
+        (and subtitles)."""
         record = await self.engine.registry.get(video_id) if VIDEO_ID.match(video_id) else None
         if record is None:
             raise APIError(404, f"no video with id {video_id!r}", code="video_not_found", param="video_id")
@@ -133,14 +178,17 @@ class MediaIngest:
         data = await self.engine.media.get(record.digest)
         if data is None:
             raise APIError(410, "the video's bytes are no longer stored; upload it again", code="media_gone")
-        return await self.video(data, sampling, record.filename)
+        kept = SubtitleRef(source="file", digest=record.subtitles) if record.subtitles else None
+        return await self.video(data, sampling, record.filename, subtitles=kept)
 
-    async def video_from_url(self, url: str, options: FrameOptions | None, field: str) -> VideoRecord:
+    async def video_from_url(self, url: str, options: FrameOptions | None, field: str, *,
+                             subtitles: SubtitleRef | None = None) -> VideoRecord:
         if VIDEO_ID.match(url):
             return await self.video_by_id(url, options)
         sampling = self.sampling(options)
         fetched = await self.fetch(url, "video", field)
-        return await self.video(fetched.data, sampling, url.rsplit("/", 1)[-1][:200] if "://" in url else None)
+        return await self.video(fetched.data, sampling, url.rsplit("/", 1)[-1][:200] if "://" in url else None,
+                                subtitles=subtitles)
 
     # -- images ------------------------------------------------------------------------------------
     async def image(self, data: bytes) -> MediaRef:
@@ -154,6 +202,24 @@ class MediaIngest:
 
     async def image_from_url(self, url: str, field: str) -> MediaRef:
         return await self.image((await self.fetch(url, "image", field)).data)
+
+
+def _attached(subtitles: SubtitleRef | None) -> str | None:
+    """What a video record keeps of a request's subtitles: an uploaded file (its digest); "auto"
+    and "none" are choices per question, not properties of the video."""
+    return subtitles.digest if subtitles is not None and subtitles.source == "file" else None
+
+
+def question_subtitles(requested: SubtitleRef | None, record: VideoRecord | None, *,
+                       long_video: bool) -> SubtitleRef:
+    """The subtitles a video question uses: what it asks for, else those uploaded with the video,
+    else the container's own track (or a transcript) for a long-video checkpoint, which was
+    trained with subtitles, and none for a short-video one, which was not."""
+    if requested is not None:
+        return requested
+    if record is not None and record.subtitles:
+        return SubtitleRef(source="file", digest=record.subtitles)
+    return SubtitleRef(source="auto" if long_video else "none")
 
 
 def video_mime(data: bytes) -> str:

@@ -2,8 +2,8 @@
 
 ``/v1/chat/completions`` follows OpenAI's schema as vLLM accepts it, with ``video_url`` parts
 and a few extension fields (``fps``, ``max_frames``, ``start_time``, ``end_time``,
-``relevance``, ``top_k``) that the OpenAI client sends through ``extra_body``. Unknown fields are
-refused rather than silently ignored.
+``frame_selection``, ``subtitles``, ``relevance``, ``top_k``) that the OpenAI client sends through
+``extra_body``. Unknown fields are refused rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -46,6 +46,21 @@ class FrameOptions(_Strict):
         return self
 
 
+SUBTITLES_HELP = (
+    "SRT or WebVTT text, or an http(s) or data: URL of such a file; 'auto': the video's own subtitle "
+    "track, else speech-to-text when the server has an ASR model; 'none': frames only. Unset: 'auto' "
+    "for long-video checkpoints (they were trained with subtitles), 'none' for the others")
+
+
+class VideoTextOptions(_Strict):
+    """How a question sees a video: its subtitles, and which frames when not all fit the context."""
+
+    subtitles: Text | None = Field(None, description=SUBTITLES_HELP)
+    frame_selection: Literal["uniform", "relevant"] = Field(
+        "uniform", description="when the frames do not all fit the context: 'uniform' thins them evenly, "
+        "'relevant' keeps those the question attends to most (in time order)")
+
+
 class SamplingOptions(_Strict):
     temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy (the default)")
     top_p: float | None = Field(None, gt=0, le=1)
@@ -53,7 +68,8 @@ class SamplingOptions(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="a 64-bit integer")
-    relevance: bool = Field(False, description="report each sampled frame's relevance to the question")
+    relevance: bool = Field(False, description="report each sampled frame's relevance to the question and up "
+                            "to 5 moments (time spans) where the question's answer is")
 
     @model_validator(mode="after")
     def _stop(self) -> "SamplingOptions":
@@ -100,7 +116,7 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(SamplingOptions, FrameOptions):
+class ChatCompletionRequest(SamplingOptions, FrameOptions, VideoTextOptions):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
@@ -129,7 +145,7 @@ class HistoryTurn(_Strict):
     content: Text
 
 
-class AskRequest(SamplingOptions, FrameOptions):
+class AskRequest(SamplingOptions, FrameOptions, VideoTextOptions):
     question: Text = Field(min_length=1)
     video_url: str | None = None
     video_id: str | None = None
@@ -148,6 +164,8 @@ class AskRequest(SamplingOptions, FrameOptions):
 
 class VideoFromURL(FrameOptions):
     url: str = Field(min_length=1)
+    subtitles: Text | None = Field(None, description="SRT or WebVTT text, or an http(s) or data: URL of one, "
+                                   "kept with the video for its questions")
 
 
 class VideoError(BaseModel):
@@ -170,6 +188,9 @@ class VideoObject(BaseModel):
     bytes: int
     filename: str | None
     timestamps: list[float] | None = Field(None, description="seconds of each sampled frame")
+    frames_skipped: int = Field(0, description="sampled frames that could not be decoded (left out: questions see the others)")
+    rotation: int = Field(0, description="degrees the frames were turned to stand upright")
+    subtitles: bool = Field(False, description="whether subtitles were uploaded with the video")
     error: VideoError | None
     created_at: int
 

@@ -19,11 +19,11 @@ from starlette.requests import Request
 from model.conversation import get_template
 
 from ..engine.events import AnyEvent, DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
-from ..engine.jobs import MediaRef, QuestionJob, SamplingParams, Turn, new_id
+from ..engine.jobs import FrameSelection, MediaRef, QuestionJob, SamplingParams, SubtitleRef, Turn, new_id
 from ..engine.protocol import EngineClient, EventStream, ModelCard
 from ..settings import Settings
 from .errors import APIError, from_error_event
-from .protocol import SamplingOptions
+from .protocol import SamplingOptions, VideoTextOptions
 
 
 @dataclass
@@ -33,6 +33,8 @@ class Conversation:
     media: MediaRef | None = None
     video_id: str | None = None
     frames: int = 0  # visual inputs the question will carry: sampled frames, 1 for an image
+    subtitles: SubtitleRef = field(default_factory=SubtitleRef)
+    frame_selection: FrameSelection = "uniform"
 
 
 def normalise_turns(turns: list[tuple[str, str]], settings: Settings) -> list[Turn]:
@@ -62,26 +64,34 @@ def normalise_turns(turns: list[tuple[str, str]], settings: Settings) -> list[Tu
     return [Turn.model_validate(m) for m in merged]
 
 
-def check_context(conversation: Conversation, card: ModelCard, max_tokens: int) -> None:
-    """Refuse up front a question that cannot fit: its visual tokens in the model's context, or its
-    prompt and token budget in the KV cache (the most one question can hold)."""
-    visual = conversation.frames * card.tokens_per_frame
+def check_context(conversation: Conversation, card: ModelCard) -> None:
+    """Refuse up front a question that cannot fit at all: the text with one frame (a video's frames
+    are thinned to fit by the worker, which counts tokens exactly) or with the image.
+
+    The text is estimated at 4 characters a token, which over-counts English: a question refused
+    here would not fit the worker's exact count either."""
+    visual = min(conversation.frames, 1) * card.tokens_per_frame
     text = sum(len(m.content) for m in conversation.messages) // 4
-    if visual + text >= card.context_length:
-        raise APIError(400, f"{conversation.frames} frames x {card.tokens_per_frame} tokens = {visual} "
-                            f"visual tokens do not fit the model's context of {card.context_length} tokens; "
-                            "lower fps or max_frames",
-                       code="context_length_exceeded")
-    # budgets are clamped to the context
-    if min(visual + text + max_tokens, card.context_length) > card.kv_positions:
-        raise APIError(400, f"{visual} visual tokens + the text + max_tokens {max_tokens} need more "
-                            f"positions than this server's KV cache holds ({card.kv_positions}); ask with "
-                            "fewer frames or a smaller max_tokens", code="context_length_exceeded")
+    room = min(card.context_length, card.kv_positions)
+    if visual + text >= room:
+        where = (f"the model's context of {card.context_length} tokens" if room == card.context_length
+                 else f"this server's KV cache of {card.kv_positions} positions")
+        raise APIError(400, f"the conversation (about {text} tokens) and {visual} visual tokens do not fit "
+                            f"{where}; shorten the conversation", code="context_length_exceeded")
+
+
+def no_video_fields(req: VideoTextOptions) -> None:
+    """Subtitles and frame selection are about a video's frames: refuse them on other questions."""
+    subtitles_set = req.subtitles is not None and req.subtitles.strip().lower() != "none"
+    for name, given in (("subtitles", subtitles_set), ("frame_selection", req.frame_selection != "uniform")):
+        if given:
+            raise APIError(400, f"{name} applies to a question about a video, and this one has none",
+                           code="invalid_request", param=name)
 
 
 def build_job(conversation: Conversation, options: SamplingOptions, settings: Settings, *,
               max_tokens: int | None, template: str | None) -> QuestionJob:
-    max_tokens = max_tokens or settings.default_max_tokens
+    max_tokens = max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
     if template is not None:
         try:
             get_template(template)
@@ -101,6 +111,8 @@ def build_job(conversation: Conversation, options: SamplingOptions, settings: Se
         template=template,
         system=conversation.system,
         relevance=options.relevance,
+        frame_selection=conversation.frame_selection,
+        subtitles=conversation.subtitles,
         arrival_time=now,
         deadline=now + settings.request_timeout,
     )

@@ -4,7 +4,11 @@
   the last chunk the finish reason, an optional usage chunk, then ``[DONE]``). Progress and
   relevance travel as chunks with empty ``choices`` and a ``llamavid`` field, which OpenAI
   clients pass through.
-* ``ask_events``: named events ``progress``, ``relevance``, ``delta``, ``done``, ``error``.
+* ``ask_events``: named events ``progress``, ``relevance``, ``moments``, ``delta``, ``done``, ``error``.
+
+A video answer says how many of the video's frames the LLM saw (``frames_used`` of
+``frames_total``: they are thinned when they do not all fit its context) and where its subtitles
+came from; moments carry the URL of their most relevant frame's thumbnail.
 
 Both cancel the stream when the client goes away (sse-starlette closes the generator).
 """
@@ -33,8 +37,32 @@ def _error(event: ErrorEvent) -> dict:
     return error_body(event.status, event.message, event.code)
 
 
+def video_usage(done: DoneEvent) -> dict:
+    """What of the video the answer used; empty for an image or text question."""
+    if done.frames_total is None:
+        return {}
+    return {"frames_used": done.frames_used, "frames_total": done.frames_total,
+            "subtitles": {"source": done.subtitles, "cues": done.subtitle_cues} if done.subtitles else None}
+
+
+def moments_body(event: RelevanceEvent, video_id: str | None, base_url: str) -> list[dict]:
+    """The moments with the URL of each one's thumbnail (the span's most relevant frame)."""
+    out = []
+    for moment in event.moments:
+        body = moment.model_dump()
+        if video_id:
+            body["thumbnail_url"] = f"{base_url.rstrip('/')}/v1/videos/{video_id}/frames/{moment.frame}.jpg"
+        out.append(body)
+    return out
+
+
+def relevance_body(event: RelevanceEvent, video_id: str | None, base_url: str) -> dict:
+    return {"frames": [f.model_dump() for f in event.frames], "moments": moments_body(event, video_id, base_url)}
+
+
 async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, completion_id: str,
-                      created: int, model: str, include_usage: bool, extension: dict) -> AsyncIterator[dict]:
+                      created: int, model: str, include_usage: bool, extension: dict,
+                      base_url: str) -> AsyncIterator[dict]:
     def chunk(choices: list, **extra: Any) -> dict:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": choices, **extra}
@@ -47,9 +75,12 @@ async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, c
     try:
         async for event in events:
             match event:
-                case ProgressEvent() | RelevanceEvent():
+                case ProgressEvent():
                     yield chunk([], llamavid={"type": event.type, **extension,
                                               **event.model_dump(exclude={"type"})})
+                case RelevanceEvent():
+                    yield chunk([], llamavid={"type": event.type, **extension,
+                                              **relevance_body(event, extension.get("video_id"), base_url)})
                 case DeltaEvent(text=text):
                     if role is not None:
                         yield role
@@ -60,7 +91,8 @@ async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, c
                     if role is not None:
                         yield role
                         role = None
-                    yield chunk(delta({}, event.finish_reason))
+                    used = video_usage(event)
+                    yield chunk(delta({}, event.finish_reason), **({"llamavid": {**extension, **used}} if used else {}))
                     if include_usage:
                         yield chunk([], usage=done_usage(event))
                 case ErrorEvent():
@@ -71,19 +103,24 @@ async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, c
 
 
 async def ask_events(events: AsyncIterator[AnyEvent], stream: EventStream,
-                     video_id: str | None) -> AsyncIterator[dict]:
+                     video_id: str | None, base_url: str) -> AsyncIterator[dict]:
     try:
         async for event in events:
             match event:
                 case DoneEvent():
                     data = {"finish_reason": event.finish_reason, "video_id": video_id,
-                            "usage": done_usage(event)}
+                            "usage": done_usage(event), **video_usage(event)}
                 case ErrorEvent():
                     data = _error(event)
                 case DeltaEvent(text=text):
                     data = {"text": text}
-                case ProgressEvent() | RelevanceEvent():
+                case ProgressEvent():
                     data = event.model_dump(exclude={"type"})
+                case RelevanceEvent():
+                    yield {"event": "relevance", "data": _json({"frames": [f.model_dump() for f in event.frames]})}
+                    data = {"video_id": video_id, "moments": moments_body(event, video_id, base_url)}
+                    yield {"event": "moments", "data": _json(data)}
+                    continue
             yield {"event": event.type, "data": _json(data)}
     finally:
         stream.cancel()

@@ -17,28 +17,33 @@ from model.video import VideoFile
 THUMB_WIDTH = 192
 
 
-def make_thumbnails(data: bytes, timestamps: list[float], width: int = THUMB_WIDTH) -> list[bytes]:
-    video = VideoFile(data)
-    last = video.info.num_frames - 1
-    indices = [min(last, round(t * video.info.avg_fps)) for t in timestamps]
-    out: list[bytes] = []
-    for frames in video.iter_frames(indices, chunk=16):
-        for frame in frames:
-            image = Image.fromarray(frame)
-            height = max(1, round(image.height * width / image.width))
-            buf = io.BytesIO()
-            image.resize((width, height), Image.BILINEAR).save(buf, format="JPEG", quality=80)
-            out.append(buf.getvalue())
-    return out
+def make_thumbnails(data: bytes, timestamps: list[float], width: int = THUMB_WIDTH) -> list[bytes | None]:
+    """One JPEG per timestamp, upright (``VideoFile`` applies rotation), None where the frame
+    shown at that time does not decode (the frame strip shows a gap, not a neighbour's picture)."""
+    with VideoFile(data) as video:
+        wanted = video.indices_at(timestamps)
+        pictures: dict[int, bytes] = {}
+        for frames in video.iter_frames(sorted(set(wanted)), chunk=16):
+            for index, frame in zip(frames.indices, frames):
+                pictures[index] = _jpeg(frame, width)
+    return [pictures.get(i) for i in wanted]
+
+
+def _jpeg(frame, width: int) -> bytes:
+    image = Image.fromarray(frame)
+    height = max(1, round(image.height * width / image.width))
+    buf = io.BytesIO()
+    image.resize((width, height), Image.BILINEAR).save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
 
 
 class ThumbnailCache:
     def __init__(self, max_videos: int = 32) -> None:
         self.max_videos = max_videos
-        self._videos: OrderedDict[str, list[bytes]] = OrderedDict()
+        self._videos: OrderedDict[str, list[bytes | None]] = OrderedDict()
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def get(self, key: str, load_bytes, timestamps: list[float]) -> list[bytes] | None:
+    async def get(self, key: str, load_bytes, timestamps: list[float]) -> list[bytes | None] | None:
         if key in self._videos:
             self._videos.move_to_end(key)
             return self._videos[key]

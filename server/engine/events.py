@@ -17,7 +17,8 @@ class _Event(BaseModel):
 
 
 class ProgressEvent(_Event):
-    """The video the question is about is still being extracted."""
+    """The video the question is about is still being extracted (``status`` "queued" or
+    "extracting", counting frames) or transcribed ("transcribing", counting seconds of audio)."""
 
     type: Literal["progress"] = "progress"
     video_id: str
@@ -32,11 +33,22 @@ class FrameRelevance(_Event):
     time: float | None
     score: float  # the context attention's log-sum-exp logit, averaged over queries
     weight: float  # softmax of the scores over the sampled frames
+    used: bool = True  # whether the frame is among those the LLM saw (see DoneEvent.frames_used)
+
+
+class Moment(_Event):
+    """A span of neighbouring relevant frames (``model.relevance.moments``)."""
+
+    start: float  # seconds
+    end: float
+    score: float  # share of the question's attention inside the span
+    frame: int  # index of the span's most relevant sampled frame (its thumbnail)
 
 
 class RelevanceEvent(_Event):
     type: Literal["relevance"] = "relevance"
     frames: list[FrameRelevance]
+    moments: list[Moment] = []
 
 
 class DeltaEvent(_Event):
@@ -51,6 +63,10 @@ class DoneEvent(_Event):
     prompt_tokens: int
     visual_tokens: int
     completion_tokens: int
+    frames_used: int | None = None  # frames the LLM saw, after thinning to fit its context
+    frames_total: int | None = None  # frames sampled and cached for the video
+    subtitles: str | None = None  # where the frames' subtitles came from: file, container, asr
+    subtitle_cues: int = 0
 
 
 class ErrorEvent(_Event):

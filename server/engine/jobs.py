@@ -14,10 +14,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JOB_VERSION = 2
+JOB_VERSION = 3
 
 MediaKind = Literal["video", "image"]
 VideoStatus = Literal["queued", "extracting", "ready", "failed"]
+FrameSelection = Literal["uniform", "relevant"]
 
 
 def new_id(prefix: str) -> str:
@@ -47,6 +48,18 @@ class MediaRef(_Message):
     sampling: Sampling | None = None
 
 
+class SubtitleRef(_Message):
+    """Which subtitles a video question's frames carry (spec §6.3's interleaving).
+
+    ``file``: an SRT/WebVTT file the client sent, kept in the media store under ``digest``;
+    ``auto``: the video's own subtitle track, else a speech-to-text transcript when the worker has
+    an ASR model, else none; ``none``: frames only.
+    """
+
+    source: Literal["none", "auto", "file"] = "none"
+    digest: str | None = None
+
+
 class SamplingParams(_Message):
     """The request's generation options; ``None`` leaves a field to the checkpoint's defaults."""
 
@@ -71,8 +84,11 @@ class QuestionJob(_Message):
     template: str | None = None
     system: str | None = None
     relevance: bool = False
+    frame_selection: FrameSelection = "uniform"  # how frames are thinned when they do not all fit
+    subtitles: SubtitleRef = Field(default_factory=SubtitleRef)
     arrival_time: float = Field(default_factory=time.time)
-    deadline: float  # unix time after which the worker gives up
+    deadline: float  # unix time after which the worker gives up; time spent waiting on an extraction
+    # that is making progress does not count
     version: int = JOB_VERSION
 
 
@@ -102,6 +118,9 @@ class VideoRecord(_Message):
     filename: str | None = None
     content_type: str | None = None
     timestamps: list[float] | None = None  # seconds of each sampled frame, in order
+    frames_skipped: int = 0  # sampled frames that could not be decoded (left out: questions see the others)
+    rotation: int = 0  # degrees the frames were turned to stand upright (the container's display matrix)
+    subtitles: str | None = None  # media-store digest of an SRT/WebVTT file uploaded with the video
     error: str | None = None
     error_code: str | None = None
     created_at: float = Field(default_factory=time.time)

@@ -45,6 +45,8 @@ class ModelCard:
     device: str
     dtype: str
     kv_positions: int  # what one question can use at most: the KV cache's positions (less a padding block)
+    long_video: bool = False  # a stage-3 long-video checkpoint: movie framing, subtitles on by default
+    asr: bool = False  # the worker can transcribe a video's speech when it has no subtitles
 
 
 class EventStream:

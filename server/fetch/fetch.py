@@ -29,7 +29,7 @@ __all__ = [
     "read_upload", "sniff_media_kind",
 ]
 
-MediaKind = Literal["video", "image"]
+MediaKind = Literal["video", "image", "subtitles"]
 SNIFF_BYTES = 1024  # enough for every signature below, including five MPEG-TS sync bytes
 TIMEOUT_STATUS = 400  # not 408: clients such as openai-python retry 408s, multiplying slow fetches
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -41,7 +41,7 @@ class FetchedMedia:
     data: bytes
     content_type: str | None  # declared media type (header or data: URL), lower-case, no params
     final_url: str  # after redirects; "data:" for data URLs, "upload:<filename>" for uploads
-    kind: str  # sniffed: "video" or "image"
+    kind: str  # sniffed: "video", "image" or "subtitles"
 
 
 class AsyncReadable(Protocol):
@@ -57,7 +57,11 @@ _HEIF_BRANDS = (
 _BMP_SIZES = (12, 40, 52, 56, 64, 108, 124)  # DIB header sizes, stored at offset 14
 
 
-def _sniff(head: bytes) -> tuple[MediaKind, str] | None:
+_ANIMATED = ("GIF", "WebP")  # image formats that may be animations, accepted where a video is expected
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _sniff(head: bytes) -> tuple[str, str] | None:
     """(kind, format name) from the first bytes of a file, or None if unrecognised."""
     if head[4:8] in _QUICKTIME_ATOMS:
         if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
@@ -89,22 +93,38 @@ def _sniff(head: bytes) -> tuple[MediaKind, str] | None:
         return "image", "GIF"
     if head.startswith(b"BM") and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_SIZES:
         return "image", "BMP"
+    if head.startswith(b"ID3") or (len(head) > 1 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+        return "audio", "MP3"
+    if head.startswith(b"fLaC"):
+        return "audio", "FLAC"
+    if head.startswith(b"RIFF") and head[8:12] == b"WAVE":
+        return "audio", "WAV"
     return None
 
 
 def sniff_media_kind(head: bytes) -> MediaKind | None:
     """"video", "image" or None, from magic bytes only (never from names or headers)."""
     found = _sniff(head)
-    return None if found is None else found[0]
+    return None if found is None or found[0] == "audio" else found[0]  # type: ignore[return-value]
 
 
 def _check_kind(head: bytes, kind: str | None, what: str, content_type: str | None) -> MediaKind:
+    if kind == "subtitles":  # text: whether it is SRT or WebVTT is for the subtitle parser to say
+        if not head or (b"\x00" in head and not head.startswith(_UTF16_BOMS)):
+            got = "empty" if not head else "binary"
+            raise MediaError(415, "unsupported_media", f"{what}: expected SRT or WebVTT text, but the content is {got}")
+        return "subtitles"
     found = _sniff(head)
     declared = f" (declared {content_type})" if content_type else ""
     if found is None:
         expected = _article(kind) if kind else "a video or image"
         got = "empty" if not head else f"not a recognised video or image format{declared}"
         raise MediaError(415, "unsupported_media", f"{what}: expected {expected}, but the content is {got}")
+    if found[0] == "audio":
+        raise MediaError(415, "audio_only", f"{what}: the content is audio ({found[1]}) with no pictures; "
+                                            f"send {_article(kind or 'video')}")
+    if kind == "video" and found[1] in _ANIMATED:
+        return "video"  # an animation; a still one is a one-frame video
     if kind is not None and found[0] != kind:
         raise MediaError(
             415, "unsupported_media",
@@ -128,8 +148,8 @@ def _too_large(what: str, max_bytes: int, detail: str = "") -> MediaError:
 
 def _what(kind: str | None, suffix: str) -> str:
     """The input's name in messages: "video_url", "image", "upload"..."""
-    if kind not in (None, "video", "image"):
-        raise ValueError(f"kind must be 'video', 'image' or None, not {kind!r}")
+    if kind not in (None, "video", "image", "subtitles"):
+        raise ValueError(f"kind must be 'video', 'image', 'subtitles' or None, not {kind!r}")
     return f"{kind}{suffix}" if kind else suffix.lstrip("_")
 
 

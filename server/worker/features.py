@@ -11,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import torch
 
 from cache import FeatureStore, Manifest, sampling_id
 from model.image import ImageDecodeError, decode_image
 from model.llama_vid import LlamaVid
-from model.pipeline import FEATURE_DTYPE, encode_image, iter_video_features, plan_video
-from model.video import FrameSampling, VideoDecodeError
+from model.pipeline import FEATURE_DTYPE, FeatureChunk, encode_image, iter_video_features, plan_video
+from model.video import FrameSampling, VideoDecodeError, VideoFile
 
 from ..engine.events import AnyEvent, ErrorEvent, ProgressEvent
 from ..engine.jobs import MediaRef, Sampling, VideoJob, VideoRecord
@@ -79,7 +79,7 @@ class FeatureSource:
             if ref.video_id:
                 record = await self.registry.get(ref.video_id)
                 if record and record.status != "ready":
-                    await self._mark_ready(ref.video_id, cached[1])
+                    await self._mark_ready(ref.video_id, cached[1], planned=record.frames_total)
             return cached
         key = (ref.digest, sid)
         if key not in self._extracting and ref.video_id and \
@@ -183,7 +183,14 @@ class FeatureSource:
         try:
             video, indices = await self.thread(plan_video, data, plan)
         except VideoDecodeError as exc:
-            raise JobError(400, "invalid_video", str(exc)) from exc
+            raise JobError(415 if exc.code == "audio_only" else 400, exc.code, str(exc)) from exc
+        try:
+            return await self._encode(video, indices, digest, sampling, video_id)
+        finally:
+            await self.thread(video.close)  # the spooled copy and the decoders' file handles
+
+    async def _encode(self, video: VideoFile, indices: list[int], digest: str, sampling: Sampling,
+                      video_id: str | None) -> tuple[Frames, Manifest]:
         info = video.info
         if video_id:
             await self.registry.update(
@@ -198,37 +205,59 @@ class FeatureSource:
         if frames:
             log.info("video %s: %d of %d frames already cached; encoding the rest", video_id or digest,
                      len(frames), len(indices))
-        chunks = iter_video_features(self.model, video, missing, chunk=self.encode_batch)
-        while True:
-            if video_id:
-                await self.registry.update(video_id, frames_done=len(frames))
-            try:
-                chunk = await self.thread(next, chunks, None)
-            except VideoDecodeError as exc:
-                raise JobError(400, "invalid_video", str(exc)) from exc
-            if chunk is None:
-                break
-            self.metrics.observe_stage("decode", chunk.decode_seconds)
-            self.metrics.observe_stage("encode", chunk.encode_seconds)
-            await self.store.put_frames(self.model.encoder_fingerprint, digest, chunk.indices, chunk.features)
-            frames.update(zip(chunk.indices, chunk.features.unbind(0)))  # views: no second copy of the video
-            self.metrics.frames_decoded.inc(len(chunk.indices))
-            self.metrics.frames_encoded.inc(len(chunk.indices))
-        ordered = [frames[i] for i in indices]
+        # Frames that do not decode (a corrupt stretch) are left out and counted; with other frames
+        # cached by an earlier attempt, a chunk of nothing decodable is not yet a failed video.
+        chunks = iter_video_features(self.model, video, missing, chunk=self.encode_batch,
+                                     require_frames=not frames)
+        skipped: list[int] = []
+        try:
+            await self._consume(chunks, frames, skipped, digest, video_id)
+        finally:
+            await self.thread(chunks.close)  # stops the read-ahead threads of an abandoned extraction
+        if skipped:
+            log.warning("video %s: %d of %d sampled frames could not be decoded and were left out",
+                        video_id or digest, len(skipped), len(indices))
+        kept = [i for i in indices if i in frames]
+        ordered = [frames[i] for i in kept]
         manifest = Manifest(
             video_digest=digest, encoder_id=self.model.encoder_fingerprint, sampling=sampling.model_dump(),
-            frame_indices=indices, timestamps=video.timestamps(indices), source_fps=info.avg_fps,
+            frame_indices=kept, timestamps=video.timestamps(kept), source_fps=info.avg_fps,
             num_source_frames=info.num_frames, duration=info.duration, feature_shape=list(ordered[0].shape),
             dtype=_dtype_name(),
         )
         await self.store.put_manifest(manifest)
         if video_id:
-            await self._mark_ready(video_id, manifest)
+            await self._mark_ready(video_id, manifest, planned=len(indices))
         return ordered, manifest
 
-    async def _mark_ready(self, video_id: str, manifest: Manifest) -> None:
+    async def _consume(self, chunks: Iterator[FeatureChunk], frames: dict[int, torch.Tensor], skipped: list[int],
+                       digest: str, video_id: str | None) -> None:
+        """Encoded chunks into the cache (and ``frames``), progress onto the record, as they come."""
+        while True:
+            if video_id:
+                await self.registry.update(video_id, frames_done=len(frames) + len(skipped),
+                                           frames_skipped=len(skipped))
+            try:
+                chunk = await self.thread(next, chunks, None)
+            except VideoDecodeError as exc:
+                raise JobError(400, exc.code, str(exc)) from exc
+            if chunk is None:
+                break
+            skipped += chunk.skipped
+            self.metrics.observe_stage("decode", chunk.decode_seconds)
+            self.metrics.observe_stage("encode", chunk.encode_seconds)
+            if not chunk.indices:
+                continue
+            await self.store.put_frames(self.model.encoder_fingerprint, digest, chunk.indices, chunk.features)
+            frames.update(zip(chunk.indices, chunk.features.unbind(0)))  # views: no second copy of the video
+            self.metrics.frames_decoded.inc(len(chunk.indices))
+            self.metrics.frames_encoded.inc(len(chunk.indices))
+
+    async def _mark_ready(self, video_id: str, manifest: Manifest, *, planned: int) -> None:
+        """The record shows the frames the questions see: those that decoded, at their times."""
         await self.registry.update(
             video_id, status="ready", frames_total=manifest.num_frames, frames_done=manifest.num_frames,
+            frames_skipped=max(0, planned - manifest.num_frames), timestamps=[round(t, 3) for t in manifest.timestamps],
             duration=manifest.duration, source_fps=manifest.source_fps, error=None, error_code=None,
         )
 

@@ -54,10 +54,23 @@ def plan_for(settings: Settings, *, hot_tier: bool = False) -> MemoryPlan:
         quantization=settings.quantization, kv_cache_bytes=kv,
         hot_tier_bytes=(settings.cache_bytes
                         if hot_tier and settings.hot_tier_on_gpu and device.type == "cuda" else 0),
+        asr_bytes=asr_weight_bytes(settings.asr_model) if device.type == "cuda" else 0,
         encode_batch=settings.encode_batch, prefill_chunk=settings.prefill_chunk,
         max_running=settings.max_running,
         max_new_tokens=settings.max_tokens_limit, block_size=settings.block_size,
     )
+
+
+def asr_weight_bytes(model_dir: str | None) -> int:
+    """What a Whisper folder's weights take on a GPU (fp16): half their size on disk if stored in
+    fp32, as most are; the size itself for fp16 files, which is the larger, safe guess."""
+    if not model_dir:
+        return 0
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise PlanError(f"--asr-model {model_dir}: not a model folder (no config.json); give a local Whisper "
+                        "folder in the Hugging Face layout")
+    return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
 
 
 def check_plan(plan: MemoryPlan, model: str | None) -> None:
@@ -88,17 +101,18 @@ def load_model(settings: Settings, *, hot_tier: bool = False) -> tuple[LlamaVid,
         log.warning("\n%s\n  NO MODEL GIVEN: serving the bundled demo model (%s),\n  trained on synthetic "
                     "coloured-shape videos only. Use --model DIR for a real LLaMA-VID.\n%s",
                     BANNER, model_dir, BANNER)
-    return model, describe(model, model_dir, plan), plan
+    return model, describe(model, model_dir, plan, asr=settings.asr_model is not None), plan
 
 
-def describe(model: LlamaVid, model_dir: str | Path, plan: MemoryPlan) -> ModelCard:
+def describe(model: LlamaVid, model_dir: str | Path, plan: MemoryPlan, *, asr: bool = False) -> ModelCard:
     """The card ``/v1/models`` shows and workers advertise."""
     demo_kind = _demo_kind(str(model_dir))
     return ModelCard(
         id=_model_id(str(model_dir), demo_kind), path=str(model_dir), demo=demo_kind,
         tokens_per_frame=model.tokens_per_frame(), context_length=model.context_length,
         device=str(model.device), dtype=str(model.dtype).removeprefix("torch."),
-        kv_positions=(plan.num_blocks - 1) * plan.block_size,
+        kv_positions=(plan.num_blocks - 1) * plan.block_size, long_video=bool(model.config.long_video),
+        asr=asr,
     )
 
 

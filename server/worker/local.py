@@ -110,7 +110,8 @@ async def local_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> 
     runner = ModelRunner(model, store, media, registry, metrics, num_blocks=plan.num_blocks,
                          block_size=plan.block_size, prefill_chunk=settings.prefill_chunk,
                          max_running=settings.max_running, encode_batch=settings.encode_batch,
-                         template=settings.template, on_cache_access=cache_metrics.sync)
+                         template=settings.template, on_cache_access=cache_metrics.sync,
+                         asr_model=settings.asr_model)
     await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)
     log.info("ready: %s on %s (%s), %d tokens per frame", card.id, card.device, card.dtype,

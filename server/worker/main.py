@@ -48,6 +48,7 @@ async def _main(settings: Settings) -> int:
         num_blocks=plan.num_blocks, block_size=plan.block_size, prefill_chunk=settings.prefill_chunk,
         max_running=settings.max_running, encode_batch=settings.encode_batch, template=settings.template,
         stall_timeout=settings.visibility_timeout, on_cache_access=cache_metrics.sync,
+        asr_model=settings.asr_model,
     )
     await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)

@@ -14,7 +14,8 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -22,9 +23,12 @@ import torch
 
 from cache import FeatureStore
 from model.conversation import Message, get_template
+from model.generate import GenerationParams, with_budget
 from model.llama_vid import LlamaVid, PreparedPrompt, VisualInput
+from model.relevance import fit_frames, moments, select_frames, uniform_subset
+from model.subtitles import frame_texts
 
-from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, RelevanceEvent
+from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, Moment, RelevanceEvent
 from ..engine.jobs import JOB_VERSION, QuestionJob, VideoJob
 from ..engine.protocol import EngineUnavailable
 from ..engine.storage import MediaStore, VideoRegistry
@@ -32,6 +36,7 @@ from ..metrics import LlamaVidMetrics, LlamaVidRequestMetrics
 from .decoding import DecodeFailure, Scheduler
 from .features import Emit, FeatureSource, JobError
 from .model_thread import ModelThread
+from .subtitles import NO_SUBTITLES, Subtitles, SubtitleSource
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ class ModelRunner:
         stall_timeout: float = 60.0,
         template: str = "vicuna_v1",
         on_cache_access: Callable[[], None] | None = None,
+        asr_model: str | None = None,
     ) -> None:
         self.model = model
         self.store = store
@@ -65,6 +71,7 @@ class ModelRunner:
         self.features = FeatureSource(model, store, media, registry, metrics, self.thread,
                                       encode_batch=encode_batch, stall_timeout=stall_timeout,
                                       on_cache_access=on_cache_access or (lambda: None))
+        self.subtitles = SubtitleSource(media, metrics, asr_model=asr_model, asr_device=str(model.device))
         self.scheduler = Scheduler(model, self.thread, metrics, num_blocks=num_blocks, block_size=block_size,
                                    prefill_chunk=prefill_chunk, max_running=max_running)
 
@@ -75,6 +82,7 @@ class ModelRunner:
 
     def close(self) -> None:
         self.scheduler.close()
+        self.subtitles.close()
         self.thread.close()
 
     async def extract(self, job: VideoJob) -> None:
@@ -89,8 +97,12 @@ class ModelRunner:
         tracker = self.metrics.track_request(job.arrival_time)
         try:
             with tracker:
-                visual, timestamps = await self._visual(job, emit)
-                reason = await self._generate(job, visual, timestamps, emit, cancelled, tracker)
+                waiting = time.time()
+                visual, subtitles = await self._inputs(job, emit)
+                # The deadline bounds the answer, not the wait for an extraction or a transcription
+                # that is making progress (a stalled one fails on its own).
+                job = job.model_copy(update={"deadline": job.deadline + (time.time() - waiting)})
+                reason = await self._generate(job, visual, subtitles, emit, cancelled, tracker)
                 tracker.finish(reason)
         except JobError as exc:
             await emit(exc.event)
@@ -105,39 +117,105 @@ class ModelRunner:
             await emit(ErrorEvent(status=500, code="internal_error",
                                   message=f"internal error: {type(exc).__name__}: {exc}"))
 
-    async def _visual(self, job: QuestionJob, emit: Emit) -> tuple[VisualInput | None, list[float]]:
+    async def _inputs(self, job: QuestionJob, emit: Emit) -> tuple[Visual | None, Subtitles]:
+        """The question's visual features and subtitles, worked out side by side."""
         ref = job.media
         if ref is None:
-            return None, []
+            return None, NO_SUBTITLES
         if ref.kind == "image":
-            return VisualInput(await self.features.image(ref.digest), "image"), [0.0]
-        frames, manifest = await self.features.video(ref, emit)
-        return VisualInput(frames, "video"), manifest.timestamps
+            return Visual(VisualInput(await self.features.image(ref.digest), "image"), [0.0]), NO_SUBTITLES
+        (frames, manifest), subtitles = await asyncio.gather(
+            self.features.video(ref, emit),
+            self.subtitles.for_question(job.subtitles, ref.digest, ref.video_id, emit))
+        return Visual(VisualInput(frames, "video"), manifest.timestamps), subtitles
 
-    async def _prepare(self, job: QuestionJob, visual: VisualInput | None):
+    def _choose_frames(self, job: QuestionJob, messages: list[Message], template, visual: Visual,
+                       subtitles: Subtitles) -> Chosen:
+        """The frames that fit the context (all, when they do), each with its subtitles.
+
+        The answer keeps room for ``max_tokens``, up to a quarter of the context: a long answer
+        does not starve a video of its frames (and is cut at the context, as the official workers
+        cut it). Runs on the model thread: it tokenizes, and may score every frame.
+        """
+        frames, timestamps = visual.input.features, visual.timestamps
+        total, question = len(frames), messages[-1].content
+        room = min(self.model.context_length, self.scheduler.positions)
+        budget = room - min(job.sampling.max_tokens, room // 4)
+        tokens_per_frame = self.model.tokens_per_frame()
+        texts = (lambda idx: frame_texts(subtitles.cues, [timestamps[i] for i in idx])) if subtitles.cues \
+            else (lambda idx: None)
+        scores: torch.Tensor | None = None
+
+        def select(keep: int) -> list[int]:
+            nonlocal scores
+            if job.frame_selection == "relevant" and scores is None:
+                scores = self.model.relevance(frames, question)
+            return select_frames(total, keep, job.frame_selection, scores)
+
+        def prompt_tokens(idx: list[int]) -> int:
+            return self.model.num_prompt_tokens(messages, len(idx), subtitles=texts(idx), template=template)
+
+        chosen = fit_frames(total, budget, tokens_per_frame, prompt_tokens, select)
+        if not chosen:
+            raise JobError(400, "context_length_exceeded", (
+                f"not even one of the video's {total} frames fits: the conversation and subtitles take "
+                f"{prompt_tokens(uniform_subset(total, 1)) - tokens_per_frame} tokens of the {budget} this "
+                f"server's context ({room}) leaves after room for the answer; shorten the conversation or "
+                "ask without subtitles"))
+        if job.relevance and scores is None and len(chosen) < total:
+            scores = self.model.relevance(frames, question)  # over every frame, for the moments
+        return Chosen(chosen, texts(chosen), scores)
+
+    async def _prepare(self, job: QuestionJob, visual: Visual | None,
+                       subtitles: Subtitles) -> tuple[PreparedPrompt, GenerationParams, Chosen | None]:
         messages = [Message(turn.role, turn.content) for turn in job.messages]
         template = get_template(job.template or self.template)
         if job.system is not None:
             template = replace(template, system=job.system)
         s = job.sampling
+
+        def prepare() -> tuple[PreparedPrompt, Chosen | None]:
+            if visual is None or visual.input.kind != "video":
+                return self.model.prepare(messages, visual.input if visual else None, template=template,
+                                          with_relevance=job.relevance), None
+            chosen = self._choose_frames(job, messages, template, visual, subtitles)
+            every = len(chosen.indices) == len(visual.input.features)
+            frames = visual.input.features if every else [visual.input.features[i] for i in chosen.indices]
+            prepared = self.model.prepare(messages, VisualInput(frames, "video"), template=template,
+                                          subtitles=chosen.subtitles, with_relevance=job.relevance and every)
+            if every and prepared.relevance is not None:
+                chosen = replace(chosen, scores=prepared.relevance)
+            return prepared, chosen
+
         try:
             with self.metrics.stage("tokens"):
-                prepared = await self.thread(
-                    lambda: self.model.prepare(messages, visual, template=template,
-                                               with_relevance=job.relevance))
-            params = self.model.params(prepared, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                       max_new_tokens=s.max_tokens, stop=s.stop, seed=s.seed)
+                prepared, chosen = await self.thread(prepare)
+            room = min(self.model.context_length, self.scheduler.positions)
+            if prepared.num_prompt_tokens >= room:
+                where = ("the model's context" if room == self.model.context_length
+                         else "this server's KV cache")
+                raise JobError(400, "context_length_exceeded", (
+                    f"the prompt has {prepared.num_prompt_tokens} tokens and {where} holds {room} positions: no room "
+                    "for an answer; shorten the conversation"))
+            params = with_budget(
+                self.model.params(prepared, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                  max_new_tokens=s.max_tokens, stop=s.stop, seed=s.seed),
+                prepared.num_prompt_tokens, room)
         except ValueError as exc:
             code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
             raise JobError(400, code, str(exc)) from exc
-        return prepared, params
+        return prepared, params, chosen
 
-    async def _generate(self, job: QuestionJob, visual: VisualInput | None, timestamps: list[float],
-                        emit: Emit, cancelled: CancelFlag, tracker: LlamaVidRequestMetrics) -> str:
-        prepared, params = await self._prepare(job, visual)
+    async def _generate(self, job: QuestionJob, visual: Visual | None, subtitles: Subtitles, emit: Emit,
+                        cancelled: CancelFlag, tracker: LlamaVidRequestMetrics) -> str:
+        prepared, params, chosen = await self._prepare(job, visual, subtitles)
         tracker.prompt(prepared.num_prompt_tokens - prepared.num_visual_tokens, prepared.num_visual_tokens)
-        if job.relevance and prepared.relevance is not None:
-            await emit(RelevanceEvent(frames=relevance_frames(prepared.relevance, timestamps)))
+        if job.relevance:
+            scores = chosen.scores if chosen is not None else prepared.relevance
+            if scores is not None:
+                await emit(relevance_event(scores, visual.timestamps, chosen.indices if chosen else None))
+        done = partial(_done, prepared=prepared, chosen=chosen, subtitles=subtitles,
+                       total=len(visual.input.features) if visual else 0)
         generation = self.model.generation(params)
         tokens = self.scheduler.open(prepared, params)
         chars = 0  # of answer text emitted so far
@@ -155,10 +233,25 @@ class ModelRunner:
                     await emit(DeltaEvent(text=delta.text, offset=chars))
                     chars += len(delta.text)
                 if delta.finish_reason is not None:
-                    await emit(_done(delta.finish_reason, prepared, generation.num_tokens))
+                    await emit(done(delta.finish_reason, completion=generation.num_tokens))
                     return delta.finish_reason
         finally:
             await tokens.close()
+
+
+@dataclass(frozen=True)
+class Visual:
+    input: VisualInput
+    timestamps: list[float]  # seconds of each frame of the input
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The frames of a video the LLM sees, and what was worked out choosing them."""
+
+    indices: list[int]  # into the video's sampled frames, in time order
+    subtitles: list[list[str]] | None  # per chosen frame
+    scores: torch.Tensor | None = None  # relevance of every sampled frame, when asked for or used
 
 
 async def _before(deadline: float, step: Awaitable[T], doing: str) -> T:
@@ -174,18 +267,27 @@ async def _is_set(flag: CancelFlag) -> bool:
     return bool(await value) if inspect.isawaitable(value) else bool(value)
 
 
-def _done(reason: str, prepared: PreparedPrompt, completion: int) -> DoneEvent:
+def _done(reason: str, *, completion: int, prepared: PreparedPrompt, chosen: Chosen | None,
+          subtitles: Subtitles, total: int) -> DoneEvent:
+    video = {} if chosen is None else {
+        "frames_used": len(chosen.indices), "frames_total": total, "subtitles": subtitles.source,
+        "subtitle_cues": len(subtitles.cues)}
     return DoneEvent(finish_reason=reason, prompt_tokens=prepared.num_prompt_tokens,
-                     visual_tokens=prepared.num_visual_tokens, completion_tokens=completion)
+                     visual_tokens=prepared.num_visual_tokens, completion_tokens=completion, **video)
 
 
-def relevance_frames(scores: torch.Tensor, timestamps: list[float]) -> list[FrameRelevance]:
-    """Per-frame relevance: the raw attention score and a softmax over frames (sums to 1)."""
+def relevance_event(scores: torch.Tensor, timestamps: list[float], used: list[int] | None) -> RelevanceEvent:
+    """Per-frame relevance (the raw attention score, a softmax over frames, whether the LLM saw
+    the frame) and the moments it adds up to."""
     raw = scores.float()
     weights = torch.softmax(raw, dim=0)
-    return [FrameRelevance(index=i, time=round(timestamps[i], 3) if i < len(timestamps) else None,
-                           score=round(float(raw[i]), 5), weight=round(float(weights[i]), 6))
-            for i in range(len(raw))]
+    seen = set(range(len(raw)) if used is None else used)
+    frames = [FrameRelevance(index=i, time=round(timestamps[i], 3) if i < len(timestamps) else None,
+                             score=round(float(raw[i]), 5), weight=round(float(weights[i]), 6), used=i in seen)
+              for i in range(len(raw))]
+    spans = moments(raw, timestamps) if len(timestamps) == len(raw) else []
+    return RelevanceEvent(frames=frames, moments=[
+        Moment(start=m.start, end=m.end, score=m.score, frame=m.peak) for m in spans])
 
 
 @torch.inference_mode()

@@ -147,10 +147,9 @@ def test_question_while_extracting_streams_progress(deployment: Deployment, make
     progress, text, finish = [], "", None
     for chunk in stream:
         extension = (chunk.model_extra or {}).get("llamavid")
-        if extension is not None:
-            assert not chunk.choices
-            if extension["type"] == "progress":
-                progress.append(extension)
+        if extension is not None and extension.get("type") == "progress":
+            assert not chunk.choices  # progress rides on chunks of its own
+            progress.append(extension)
             continue
         if chunk.choices:
             text += chunk.choices[0].delta.content or ""

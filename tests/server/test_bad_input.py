@@ -215,10 +215,31 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple], int, tuple[str, ...], str | None]
                       "frame_not_found"),
     "unknown-route": (lambda c: ("GET", "/v1/nothing-here", {}), 404, ("no route",), "not_found"),
     # -- the context
-    "frames-do-not-fit": (post(CHAT, lambda c: video_chat(c.many_url, fps=8)), 400,
-                          ("1100 frames", "context", "fps or max_frames"), "context_length_exceeded"),
-    "frames-do-not-fit-ask": (post(ASK, lambda c: {"question": "q", "video_url": c.many_url, "fps": 8}), 400,
-                              ("do not fit", "2048"), "context_length_exceeded"),
+    # a video's frames are thinned to fit; a conversation that leaves no room for one frame cannot be
+    "conversation-does-not-fit": (post(CHAT, lambda c: {"messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": c.many_url}}, {"type": "text", "text": "why " * 2400}]}]}),
+        400, ("do not fit", "context of 2048"), "context_length_exceeded"),
+    "conversation-does-not-fit-ask": (post(ASK, lambda c: {"question": "why " * 2400, "video_url": c.many_url}),
+                                      400, ("do not fit", "2048"), "context_length_exceeded"),
+    # -- subtitles and frame selection
+    "subtitles-not-srt": (post(ASK, lambda c: {"question": "q", "video_id": c.video_id,
+                                               "subtitles": "hello there, no timings"}),
+                          400, ("subtitles", "not SRT or WebVTT"), "invalid_subtitles"),
+    "subtitles-bad-timing": (post(ASK, lambda c: {"question": "q", "video_id": c.video_id,
+                                                  "subtitles": "1\n00:00:01,000 -> 00:00:02,000\nHi\n"}),
+                             400, ("subtitles", "line 2"), "invalid_subtitles"),
+    "subtitles-binary-data-url": (post(ASK, lambda c: {"question": "q", "video_id": c.video_id,
+                                                       "subtitles": "data:text/plain;base64,AAECAwQ="}),
+                                  415, ("subtitles", "binary"), "unsupported_media"),
+    "subtitles-with-an-image": (post(ASK, lambda c: {"question": "q", "image_url": "data:,",
+                                                     "subtitles": "auto"}),
+                                400, ("subtitles", "video"), "invalid_request"),
+    "frame-selection-unknown": (post(ASK, lambda c: {"question": "q", "video_id": c.video_id,
+                                                     "frame_selection": "best"}),
+                                400, ("frame_selection",), INVALID),
+    "subtitles-from-a-refused-address": (post(ASK, lambda c: {
+        "question": "q", "video_id": c.video_id, "subtitles": "http://127.0.0.2:9/subs.srt"}),
+        403, ("subtitles", "127.0.0.2"), "forbidden_address"),
 }
 
 

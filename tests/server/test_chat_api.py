@@ -229,6 +229,9 @@ def normalise_chat_stream(raw: str) -> str:
             extension["video_id"] = "vid-ID"
         for frame in extension.get("frames", []):
             frame["score"], frame["weight"] = "S", "W"
+        for moment in extension.get("moments", []):
+            assert moment["thumbnail_url"].endswith(f"/frames/{moment['frame']}.jpg")
+            moment["thumbnail_url"], moment["score"] = "URL", "S"
         if chunk.get("usage"):
             chunk["usage"]["prompt_tokens"] = chunk["usage"]["total_tokens"] = "N"
         line = "data: " + json.dumps(chunk, separators=(",", ":"))

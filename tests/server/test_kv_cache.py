@@ -3,8 +3,9 @@
 Sixteen questions about a 150-frame video (some 430 positions of prompt each, plus their token
 budget) arrive at once. They wait for room in the cache and every one answers exactly what it
 answers alone; nothing fails, nothing hangs, and the cache's usage metric never passes 100 %. A
-question that could never fit is a 400 up front. (Preemption to host memory and back is exercised
-in process, in ``tests/server/worker/test_runner.py``.)
+video with more frames than the cache holds is thinned to fit it; a conversation that leaves no
+room for a frame is a 400 up front. (Preemption to host memory and back is exercised in process,
+in ``tests/server/worker/test_runner.py``.)
 """
 
 from __future__ import annotations
@@ -75,10 +76,22 @@ def test_many_long_questions_wait_for_room_and_answer_exactly(small_cache: Proce
     assert after["llamavid_num_requests_running"] == 0 and after["llamavid_kv_cache_usage_perc"] == 0
 
 
-def test_a_question_that_cannot_fit_the_cache_is_refused_up_front(small_cache: Process, videos) -> None:
+def test_a_video_longer_than_the_cache_is_thinned_to_fit_it(small_cache: Process, videos) -> None:
     with httpx.Client(base_url=small_cache.url, timeout=120) as http:
         video = videos.fresh("too-long-for-kv.mp4", seconds=300, fps=2)
-        upload = http.post("/v1/videos", files={"file": (video.name, video.read_bytes(), "video/mp4")})
+        upload = http.post("/v1/videos", files={"file": (video.name, video.read_bytes(), "video/mp4")},
+                           data={"fps": "2"})
         vid = wait_ready_video(http, upload.json()["id"])["id"]
         reply = http.post("/v1/ask", json={"video_id": vid, "question": "And then?", "max_tokens": 500})
-    assert_api_error(reply, 400, "KV cache holds", str(KV_POSITIONS), code="context_length_exceeded")
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        # 600 frames x 2 tokens do not fit 1088 positions, of which the answer keeps a quarter (272):
+        # as many frames as fit the other 816, and not one fewer
+        budget = KV_POSITIONS - KV_POSITIONS // 4
+        assert body["frames_total"] == 600 and body["usage"]["visual_tokens"] == 2 * body["frames_used"]
+        assert budget - 2 < body["usage"]["prompt_tokens"] <= budget
+        assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] <= KV_POSITIONS
+        # the text alone overflows the cache: no frame can fit, and the API says so before queueing
+        refused = http.post("/v1/ask", json={"video_id": vid, "question": "why " * 1200})
+    assert_api_error(refused, 400, "do not fit", f"KV cache of {KV_POSITIONS} positions",
+                     code="context_length_exceeded")

@@ -24,6 +24,8 @@ EXPECTED_NAMES = [
     "llamavid_request_success_total",
     "llamavid_frames_decoded_total",
     "llamavid_frames_encoded_total",
+    "llamavid_video_subtitles_total",
+    "llamavid_audio_seconds_transcribed_total",
     "llamavid_stage_seconds_bucket",
     "llamavid_feature_cache_queries_total",
     "llamavid_feature_cache_hits_total",

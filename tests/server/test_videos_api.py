@@ -10,6 +10,7 @@ import time
 import httpx
 
 from tests.server.live import assert_api_error, scrape, sse_events, wait_idle, wait_ready_video
+from tests.serving import start_server
 
 VIDEO_FIELDS = {"id", "object", "status", "frames_done", "frames_total", "progress", "duration", "fps",
                 "source_fps", "width", "height", "bytes", "filename", "timestamps", "error", "created_at"}
@@ -139,13 +140,15 @@ def test_ask_json_with_relevance(http: httpx.Client, short_video_id: str) -> Non
 def test_ask_sse_named_events(http: httpx.Client, short_video_id: str) -> None:
     events = ask_stream(http, question="What happens?", video_id=short_video_id, max_tokens=6, relevance=True)
     names = [name for name, _ in events]
-    assert names[0] == "relevance" and names[-1] == "done"
-    assert set(names[1:-1]) == {"delta"}
-    assert len(events[0][1]["frames"]) == 3
+    assert names[:2] == ["relevance", "moments"] and names[-1] == "done"
+    assert set(names[2:-1]) == {"delta"}
+    assert len(events[0][1]["frames"]) == 3 and all(f["used"] for f in events[0][1]["frames"])
+    assert 1 <= len(events[1][1]["moments"]) <= 3
     text = "".join(data["text"] for name, data in events if name == "delta")
     done = events[-1][1]
     assert done["video_id"] == short_video_id and done["finish_reason"] in ("stop", "length")
     assert done["usage"]["visual_tokens"] == 6 and done["usage"]["completion_tokens"] <= 6
+    assert (done["frames_used"], done["frames_total"], done["subtitles"]) == (3, 3, None)
     plain = http.post("/v1/ask", json={"question": "What happens?", "video_id": short_video_id,
                                        "max_tokens": 6})
     assert plain.json()["answer"] == text
@@ -186,6 +189,13 @@ def test_sse_ask_stream_snapshot(http: httpx.Client, short_video_id: str, snapsh
         elif name == "relevance":
             for frame in payload["frames"]:
                 frame["score"], frame["weight"] = "S", "W"
+        elif name == "moments":
+            assert payload["video_id"] == short_video_id and payload["moments"]
+            payload["video_id"] = "vid-ID"
+            for moment in payload["moments"]:
+                url = str(http.base_url).rstrip("/") + f"/v1/videos/{short_video_id}/frames/{moment['frame']}.jpg"
+                assert moment["thumbnail_url"] == url
+                moment["thumbnail_url"], moment["score"] = "URL", "S"
         elif name == "done":
             payload["video_id"] = "vid-ID"
             payload["usage"]["prompt_tokens"] = payload["usage"]["total_tokens"] = "N"
@@ -194,3 +204,27 @@ def test_sse_ask_stream_snapshot(http: httpx.Client, short_video_id: str, snapsh
             continue
         lines.append(block)
     snapshot("ask_stream.txt", "\n\n".join(lines) + "\n")
+
+
+def test_a_question_waiting_on_a_long_extraction_outlives_the_request_timeout(tiny_checkpoint, videos,
+                                                                                tmp_path) -> None:
+    """The request timeout bounds the answer, not the wait for an extraction that is making progress:
+    with a 5-second timeout (room for the question's own work on a loaded machine), a question
+    about a video whose extraction takes longer still answers."""
+    server = start_server(tmp_path, tiny_checkpoint, request_timeout=5)
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            video = upload(http, videos.fresh("slow-extraction.mp4", seconds=240, fps=8, size=(64, 112)),
+                           fps=8).json()
+            asked = time.monotonic()
+            events = ask_stream(http, question="What happens?", video_id=video["id"], max_tokens=2)
+            waited = time.monotonic() - asked
+            record = http.get(f"/v1/videos/{video['id']}").json()
+    finally:
+        server.stop()
+    names = [name for name, _ in events]
+    progress = [data["frames_done"] for name, data in events if name == "progress"]
+    assert names[-1] == "done" and "error" not in names, events[-3:]
+    assert events[-1][1]["usage"]["completion_tokens"] >= 1 and len(set(progress)) >= 2
+    # the precondition, not the behaviour: the question did wait longer than its timeout
+    assert record["status"] == "ready" and record["frames_total"] == 1920 and waited > 5.0

@@ -12,13 +12,13 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 
-from ...engine.jobs import VideoRecord
+from ...engine.jobs import SubtitleRef, VideoRecord
 from ..deps import Engine, Ingest, ServerSettings, require_card
 from ..errors import APIError
-from ..ingest import VIDEO_ID
+from ..ingest import VIDEO_ID, question_subtitles
 from ..protocol import AskRequest, FrameOptions, VideoFromURL, VideoObject, usage
-from ..serving import Conversation, build_job, check_context, collect, normalise_turns, start
-from ..sse import ask_events
+from ..serving import Conversation, build_job, check_context, collect, no_video_fields, normalise_turns, start
+from ..sse import ask_events, moments_body, video_usage
 
 router = APIRouter()
 
@@ -30,7 +30,8 @@ def video_object(record: VideoRecord) -> dict:
         id=record.id, status=record.status, frames_done=record.frames_done, frames_total=record.frames_total,
         progress=round(progress, 4), duration=record.duration, fps=record.fps, source_fps=record.source_fps,
         width=record.width, height=record.height, bytes=record.bytes, filename=record.filename,
-        timestamps=record.timestamps,
+        timestamps=record.timestamps, frames_skipped=record.frames_skipped, rotation=record.rotation,
+        subtitles=record.subtitles is not None,
         error={"code": record.error_code or "failed", "message": record.error} if record.error else None,
         created_at=int(record.created_at),
     ).model_dump()
@@ -38,11 +39,11 @@ def video_object(record: VideoRecord) -> dict:
 
 @router.post("/v1/videos", status_code=202)
 async def create_video(request: Request, ingest: Ingest):
-    """Multipart upload (``file`` + optional ``fps``, ``max_frames``, ``start_time``, ``end_time``)
-    or JSON ``{"url": ..., "fps": ...}``."""
+    """Multipart upload (``file`` + optional ``subtitles`` file or text, ``fps``, ``max_frames``,
+    ``start_time``, ``end_time``) or JSON ``{"url": ..., "subtitles": ..., "fps": ...}``."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=8)
+        form = await request.form(max_files=2, max_fields=8)
         try:
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
@@ -50,7 +51,8 @@ async def create_video(request: Request, ingest: Ingest):
                                param="file")
             options = _form_options(form)
             fetched = await ingest.upload(upload, "video")
-            record = await ingest.video(fetched.data, ingest.sampling(options), upload.filename)
+            subtitles = await _form_subtitles(form, ingest)
+            record = await ingest.video(fetched.data, ingest.sampling(options), upload.filename, subtitles=subtitles)
         finally:
             await form.close()
     elif content_type.startswith("application/json"):
@@ -58,7 +60,8 @@ async def create_video(request: Request, ingest: Ingest):
             body = VideoFromURL.model_validate_json(await request.body())
         except ValidationError as exc:
             raise APIError(400, _pydantic_message(exc), code="invalid_request") from exc
-        record = await ingest.video_from_url(body.url, body, field="url")
+        subtitles = await ingest.subtitles(body.subtitles)
+        record = await ingest.video_from_url(body.url, body, field="url", subtitles=subtitles)
     else:
         raise APIError(415, "send the video as multipart/form-data ('file') or JSON {\"url\": ...}",
                        code="unsupported_content_type")
@@ -95,9 +98,12 @@ async def video_frame(video_id: str, index: int, request: Request, engine: Engin
     if not 0 <= index < len(times):
         raise APIError(404, f"video {video_id} has {len(times)} sampled frames; no frame {index}", code="frame_not_found")
     thumbs = await request.app.state.thumbnails.get(
-        f"{record.digest}:{record.id}", lambda: engine.media.get(record.digest), times)
+        # Keyed by the times too: they change once extraction has left out frames that do not decode.
+        f"{record.digest}:{record.id}:{hash(tuple(times))}", lambda: engine.media.get(record.digest), times)
     if thumbs is None or index >= len(thumbs):
         raise APIError(410, "the video's bytes are no longer stored", code="media_gone")
+    if thumbs[index] is None:
+        raise APIError(404, f"frame {index} of video {video_id} does not decode", code="frame_not_decodable")
     return Response(thumbs[index], media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -133,28 +139,47 @@ async def delete_video(video_id: str, engine: Engine):
 async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest, settings: ServerSettings):
     card = await require_card(engine)
     turns = [(t.role, t.content) for t in req.history] + [("user", req.question)]
-    conversation = Conversation(normalise_turns(turns, settings))
+    conversation = Conversation(normalise_turns(turns, settings), frame_selection=req.frame_selection)
+    if not (req.video_url or req.video_id):
+        no_video_fields(req)
+    subtitles = await ingest.subtitles(req.subtitles)
     if req.video_url or req.video_id:
         record = (await ingest.video_by_id(req.video_id, req) if req.video_id
                   else await ingest.video_from_url(req.video_url, req, field="video_url"))
         conversation.media, conversation.video_id = record.ref(), record.id
         conversation.frames = record.frames_total or 0
+        conversation.subtitles = question_subtitles(subtitles, record, long_video=card.long_video)
     elif req.image_url:
         conversation.media = await ingest.image_from_url(req.image_url, field="image_url")
         conversation.frames = 1
     job = build_job(conversation, req, settings, max_tokens=req.max_tokens, template=req.template)
-    check_context(conversation, card, job.sampling.max_tokens)
+    check_context(conversation, card)
     events, stream = await start(engine, job, request)
+    base_url = str(request.base_url)
     if req.stream:
-        return EventSourceResponse(ask_events(events, stream, conversation.video_id), ping=15)
+        return EventSourceResponse(ask_events(events, stream, conversation.video_id, base_url), ping=15)
     result = await collect(events, stream, request)
     done = result.done
+    relevance = result.relevance
     return {
         "id": job.request_id, "object": "answer", "model": card.id, "answer": result.text,
         "finish_reason": done.finish_reason if done else None, "video_id": conversation.video_id,
         "usage": usage(done.prompt_tokens, done.completion_tokens, done.visual_tokens) if done else usage(0, 0, 0),
-        "relevance": result.relevance.model_dump(exclude={"type"}) if result.relevance else None,
+        **(video_usage(done) if done else {}),
+        "relevance": {"frames": [f.model_dump() for f in relevance.frames]} if relevance else None,
+        "moments": moments_body(relevance, conversation.video_id, base_url) if relevance else None,
     }
+
+
+async def _form_subtitles(form, ingest) -> SubtitleRef | None:
+    """The ``subtitles`` part: an SRT/WebVTT file, or text (which may also be a URL, "auto"...)."""
+    part = form.get("subtitles")
+    if part is None or part == "":
+        return None
+    if isinstance(part, str):
+        return await ingest.subtitles(part)
+    fetched = await ingest.upload(part, "subtitles", field="subtitles")
+    return await ingest.keep_subtitles(fetched.data, "subtitles")
 
 
 def _form_options(form) -> FrameOptions:

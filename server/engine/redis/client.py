@@ -72,7 +72,7 @@ class RedisEngine:
             # reaches ask() and gets its 503 no_worker (with Retry-After) rather than "not ready".
             return self._last_card
         card = cards[0]
-        self._last_card = ModelCard(**{k: card[k] for k in ModelCard.__dataclass_fields__})
+        self._last_card = ModelCard(**{k: card[k] for k in ModelCard.__dataclass_fields__ if k in card})
         return self._last_card
 
     async def ready(self) -> dict[str, bool]:
@@ -170,6 +170,9 @@ class RedisEngine:
                                 relevance_sent = True
                                 stream.put(event)
                         case ProgressEvent():
+                            # an extraction or transcription making progress does not use up the
+                            # answer's time (the worker moves its deadline the same way)
+                            deadline = max(deadline, time.time() + (job.deadline - job.arrival_time) + 30)
                             stream.put(event)
                         case DoneEvent() | ErrorEvent():
                             stream.put(event)

@@ -120,9 +120,9 @@ class RedisVideoRegistry:
         records = [await self.get(i.decode()) for i in ids]
         return [r for r in records if r is not None]
 
-    async def find(self, digest: str, sampling: Sampling) -> VideoRecord | None:
+    async def find(self, digest: str, sampling: Sampling, subtitles: str | None = None) -> VideoRecord | None:
         for record in await self.by_digest(digest):
-            if record.sampling == sampling and record.status != "failed":
+            if record.sampling == sampling and record.subtitles == subtitles and record.status != "failed":
                 return record
         return None
 

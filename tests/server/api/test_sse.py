@@ -21,23 +21,31 @@ async def _events():
 async def test_chat_chunks_cover_every_event() -> None:
     stream = EventStream()
     out = await _drain(chat_chunks(_events(), stream, completion_id="chatcmpl-1", created=0, model="m",
-                                   include_usage=True, extension={"video_id": "vid-1"}))
+                                   include_usage=True, extension={"video_id": "vid-1"},
+                                   base_url="http://127.0.0.1:8000/"))
     bodies = [item["data"] for item in out]
     assert bodies[-1] == "[DONE]" and stream.cancelled
     chunks = [json.loads(b) for b in bodies[:-1]]
     kinds = [c.get("llamavid", {}).get("type") for c in chunks]
     assert kinds[:2] == ["progress", "relevance"] and chunks[0]["llamavid"]["video_id"] == "vid-1"
+    assert chunks[1]["llamavid"]["moments"] == [{"start": 0.0, "end": 1.0, "score": 0.7, "frame": 0,
+                                                 "thumbnail_url": "http://127.0.0.1:8000/v1/videos/vid-1/frames/0.jpg"}]
     assert chunks[2]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[3]["choices"][0]["delta"] == {"content": "héllo 🦙"}
     assert chunks[4]["choices"][0]["finish_reason"] == "length"
+    assert chunks[4]["llamavid"] == {"video_id": "vid-1", "frames_used": 1, "frames_total": 2,
+                                     "subtitles": {"source": "file", "cues": 3}}
     assert chunks[5]["usage"]["prompt_tokens_details"] == {"visual_tokens": 6}
     assert chunks[6]["error"]["code"] == "out_of_memory"
 
 
 async def test_ask_events_cover_every_event() -> None:
     stream = EventStream()
-    out = await _drain(ask_events(_events(), stream, "vid-1"))
-    assert [item["event"] for item in out] == ["progress", "relevance", "delta", "done", "error"]
-    done = json.loads(out[3]["data"])
+    out = await _drain(ask_events(_events(), stream, "vid-1", "http://127.0.0.1:8000/"))
+    assert [item["event"] for item in out] == ["progress", "relevance", "moments", "delta", "done", "error"]
+    moments = json.loads(out[2]["data"])["moments"]
+    assert moments[0]["thumbnail_url"] == "http://127.0.0.1:8000/v1/videos/vid-1/frames/0.jpg"
+    done = json.loads(out[4]["data"])
     assert done["video_id"] == "vid-1" and done["usage"]["completion_tokens"] == 8
-    assert json.loads(out[4]["data"])["error"]["type"] == "server_error" and stream.cancelled
+    assert (done["frames_used"], done["frames_total"]) == (1, 2)
+    assert json.loads(out[5]["data"])["error"]["type"] == "server_error" and stream.cancelled

@@ -12,19 +12,31 @@ from server.engine.events import (
     DoneEvent,
     ErrorEvent,
     FrameRelevance,
+    Moment,
     ProgressEvent,
     RelevanceEvent,
     dump_event,
     load_event,
 )
-from server.engine.jobs import JOB_VERSION, MediaRef, QuestionJob, Sampling, SamplingParams, Turn, VideoRecord
+from server.engine.jobs import (
+    JOB_VERSION,
+    MediaRef,
+    QuestionJob,
+    Sampling,
+    SamplingParams,
+    SubtitleRef,
+    Turn,
+    VideoRecord,
+)
 
 EVENTS = [
     ProgressEvent(video_id="vid-1", status="extracting", frames_done=3, frames_total=10),
     RelevanceEvent(frames=[FrameRelevance(index=0, time=0.0, score=1.5, weight=0.7),
-                           FrameRelevance(index=1, time=None, score=-2.0, weight=0.3)]),
+                           FrameRelevance(index=1, time=None, score=-2.0, weight=0.3, used=False)],
+                   moments=[Moment(start=0.0, end=1.0, score=0.7, frame=0)]),
     DeltaEvent(text="héllo 🦙"),
-    DoneEvent(finish_reason="length", prompt_tokens=40, visual_tokens=6, completion_tokens=8),
+    DoneEvent(finish_reason="length", prompt_tokens=40, visual_tokens=6, completion_tokens=8, frames_used=1,
+              frames_total=2, subtitles="file", subtitle_cues=3),
     ErrorEvent(status=503, code="out_of_memory", message="the GPU ran out of memory"),
 ]
 
@@ -52,10 +64,11 @@ def test_a_question_job_round_trips_with_its_typed_parts() -> None:
         media=MediaRef(kind="video", digest="ab" * 32, video_id="vid-1",
                        sampling=Sampling(fps=2.0, max_frames=64)),
         sampling=SamplingParams(temperature=0.7, max_tokens=32, stop=["\n"], seed=3), relevance=True,
-        deadline=1e10)
+        frame_selection="relevant", subtitles=SubtitleRef(source="file", digest="cd" * 32), deadline=1e10)
     again = QuestionJob.model_validate_json(job.model_dump_json())
     assert again == job and again.version == JOB_VERSION
     assert isinstance(again.media.sampling, Sampling) and again.sampling.stop == ["\n"]
+    assert isinstance(again.subtitles, SubtitleRef) and again.subtitles.digest == "cd" * 32
 
 
 def test_the_sampling_dump_is_the_feature_cache_key_layout() -> None:
