@@ -244,9 +244,8 @@ class LlamaVid(nn.Module):
         # validated before any compute: a wrong frame count fails fast
         layout = visual_layout(self.config, self.vision.num_patches, len(features), kind=visual.kind,
                                subtitles=subtitles)
-        if layout.movie and features[0].shape[0] == 1 + self.vision.num_patches:
-            # stage-3 drops CLS (feats[:, 1:]), whatever the token count's parity
-            features = features[:, 1:] if isinstance(features, torch.Tensor) else [f[1:] for f in features]
+        if layout.movie:
+            features = self._without_cls(features)
         frame = self.frame_tokens(features, question, with_relevance=with_relevance)
         layout = replace(layout, tokens_per_frame=frame.tokens_per_frame)  # what the head made, to the token
         pieces = list(frame.tokens.split(1)) if layout.per_token else [frame.tokens]
@@ -268,29 +267,25 @@ class LlamaVid(nn.Module):
         return checkpoint_prompt_text(self.config, self.vision.num_patches, messages, num_frames,
                                       subtitles=subtitles, template=template, image_turn=image_turn, kind=kind)
 
-    def num_prompt_tokens(
-        self,
-        messages: list[Message],
-        num_frames: int,
-        *,
-        subtitles: Sequence[Sequence[str]] | None = None,
-        template: str | ConversationTemplate = DEFAULT_TEMPLATE,
-        image_turn: str = "last",
-        kind: VisualKind = "video",
-    ) -> int:
-        """The length ``prepare`` would give the prompt, visual tokens included, without running
-        the visual head: what fitting a video's frames to the context counts (tokenizing only)."""
-        text = self.prompt_text(messages, num_frames, subtitles=subtitles, template=template,
-                                image_turn=image_turn, kind=kind)
-        return len(self.tokenizer.encode_with_images(text))
+    def num_prompt_tokens(self, messages: list[Message], num_frames: int, **options: object) -> int:
+        """The length ``prepare`` would give the prompt (``options`` as for ``prompt_text``), visual
+        tokens included, without running the visual head: what fitting frames to the context counts."""
+        return len(self.tokenizer.encode_with_images(self.prompt_text(messages, num_frames, **options)))
 
     @torch.inference_mode()
     def relevance(self, features: torch.Tensor | Sequence[torch.Tensor], question: str) -> torch.Tensor:
         """Each frame's relevance to the question [T] (the context attention's score, as
         ``prepare(with_relevance=True)`` reports it), for choosing frames before the prompt is built."""
-        if self.config.long_video and features[0].shape[0] == 1 + self.vision.num_patches:
-            features = features[:, 1:] if isinstance(features, torch.Tensor) else [f[1:] for f in features]
+        if self.config.long_video:
+            features = self._without_cls(features)
         return self.frame_tokens(features, question, with_relevance=True).relevance
+
+    def _without_cls(self, features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | Sequence[torch.Tensor]:
+        """Stage-3 (long-video) checkpoints read patches only (``feats[:, 1:]``), whatever the token
+        count's parity; features already without CLS are left as they are."""
+        if features[0].shape[0] != 1 + self.vision.num_patches:
+            return features
+        return features[:, 1:] if isinstance(features, torch.Tensor) else [f[1:] for f in features]
 
     def splice_embeddings(self, ids: list[int], visual: list[torch.Tensor]) -> torch.Tensor:
         """Text embeddings with ``visual[k]`` spliced in at the k-th placeholder (spec §5.4)."""

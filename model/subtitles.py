@@ -233,6 +233,20 @@ def _ass_text(event: bytes, codec: str) -> str:
 
 
 # -- frames ----------------------------------------------------------------------------------------
+def to_webvtt(cues: list[Cue]) -> str:
+    """Cues as a WebVTT file, for a player's subtitle track (the text as the model reads it)."""
+
+    def stamp(seconds: float) -> str:
+        ms = round(max(0.0, seconds) * 1000)
+        return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+
+    def escaped(text: str) -> str:  # WebVTT cue text is markup: "<" opens a tag, "&" an entity
+        return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    blocks = [f"{stamp(c.start)} --> {stamp(c.end)}\n{escaped(c.text)}" for c in cues if c.text.strip()]
+    return "WEBVTT\n\n" + "".join(block + "\n\n" for block in blocks)
+
+
 def frame_texts(cues: list[Cue], timestamps: list[float]) -> list[list[str]]:
     """Per sampled frame, the texts of the cues assigned to it (``extract_video_features_subtitles.py``).
 

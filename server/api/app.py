@@ -26,12 +26,13 @@ from .deps import require_api_key
 from .errors import install_error_handlers
 from .ingest import MediaIngest
 from .middleware import BodyLimit, BodyLimitFor, HTTPMetrics
-from .routes import chat, health, videos
+from .routes import chat, demo, health, videos
 from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings, LlamaVidMetrics], Awaitable[EngineClient]]
+DemoClips = Callable[[int], tuple[bytes, str, list[dict]]]
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 
@@ -55,7 +56,9 @@ def body_limits(settings: Settings) -> BodyLimitFor:
     return limit_for
 
 
-def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
+def create_app(settings: Settings, engine_factory: EngineFactory,
+               demo_clips: DemoClips | None = None) -> FastAPI:
+    """``demo_clips(i)``: the i-th demo clip (bytes, file name, questions), for ``POST /v1/demo/clip``."""
     metrics = LlamaVidMetrics()
 
     @asynccontextmanager
@@ -87,11 +90,13 @@ def create_app(settings: Settings, engine_factory: EngineFactory) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.thumbnails = ThumbnailCache()
+    app.state.demo_clips = demo_clips
     install_error_handlers(app)
     api = [Depends(require_api_key)]
     app.include_router(health.router)
     app.include_router(chat.router, dependencies=api)
     app.include_router(videos.router, dependencies=api)
+    app.include_router(demo.router, dependencies=api)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="page")
     if settings.cors_origins:

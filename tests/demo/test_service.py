@@ -80,3 +80,21 @@ def data_answer(text: str) -> str:
     from model.demo.evaluate import normalise
 
     return normalise(text)
+
+
+def test_demo_clip_endpoint_makes_clips_the_demo_answers(demo_server: Process) -> None:
+    """``POST /v1/demo/clip`` (the page's "Try a demo clip"): a registered video and its questions, which the
+    demo answers right; each call gives the next clip."""
+    with httpx.Client(base_url=demo_server.url, timeout=120) as http:
+        first = http.post("/v1/demo/clip")
+        second = http.post("/v1/demo/clip")
+        assert first.status_code == second.status_code == 201, first.text
+        clip = first.json()
+        assert clip["object"] == "video" and clip["id"] != second.json()["id"]
+        assert clip["filename"].startswith("demo-shapes-")
+        assert {q["type"] for q in clip["questions"]} <= {"binding", "counting", "time"}
+        wait_ready_video(http, clip["id"])
+        for q in clip["questions"]:
+            reply = http.post("/v1/ask", json={"video_id": clip["id"], "question": q["question"], "temperature": 0})
+            assert reply.status_code == 200, reply.text
+            assert data_answer(reply.json()["answer"]) == q["answer"], (q, reply.json()["answer"])

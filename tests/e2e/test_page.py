@@ -18,38 +18,17 @@ import numpy as np
 import pytest
 
 from model.demo import RANDOM_TINY_NAME
-from tests.needs import missing
 from tests.serving import REPO, start_server
 from tests.videos import write_video
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SHOTS = REPO / "artifacts" / "screenshots"
 SECONDS, FPS = 6, 10  # the clip: 6 s at 10 fps, sampled at the default 1 fps -> 6 frames
 ABORTS = re.compile(r'^llamavid_request_success_total\{finished_reason="abort"\} (\S+)$', re.M)
 
 
-# -- fixtures --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        missing(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError as exc:
-        missing(f"playwright is not installed: {exc}")
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=20_000)
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
+# -- fixtures (browser, open_page and trained_service live in conftest.py) ---------------------------
 @pytest.fixture(scope="module")
 def demo_cache(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder whose random demo model is the tiny checkpoint, so /v1/models says demo="random"."""
@@ -102,30 +81,6 @@ def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
         x = int((width - 48) * i / (n - 1))
         frames[i, 66:114, x:x + 48] = 255
     return write_video(tmp_path_factory.mktemp("clip") / "shapes.mp4", frames=frames, fps=FPS)
-
-
-@pytest.fixture
-def open_page(browser, request):
-    """Opens the page in a fresh context; fails the test on any page error or request off the service."""
-    contexts, problems = [], []
-
-    def open_(url: str, routes: dict | None = None, **context_options):
-        context = browser.new_context(**{"viewport": {"width": 1280, "height": 900}, **context_options})
-        contexts.append(context)
-        page = context.new_page()
-        for pattern, handler in (routes or {}).items():
-            page.route(pattern, handler)
-        page.set_default_timeout(20_000)
-        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-        page.on("request", lambda req: None if req.url.startswith((url, "blob:", "data:"))
-                else problems.append(f"request off the service: {req.url}"))
-        page.goto(url + "/")
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
-    assert not problems, problems
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -228,6 +183,12 @@ def test_upload_stream_relevance_seek_and_stop(service, open_page, clip):
     expect(page.locator('#frame-strip .thumb[data-index="3"]')).to_have_attribute("aria-current", "true")
     page.locator("#frame-strip .thumb").nth(1).click()
     assert abs(player_time(page) - video["timestamps"][1]) <= 0.1
+    # The moments under the bars: a chip per span, which seeks the player to its best frame.
+    expect(first.locator(".top-frames")).to_contain_text("Moments:")
+    moment = first.locator(".top-frames .chip").first
+    frame = int(moment.get_attribute("data-index"))
+    moment.click()
+    assert abs(player_time(page) - video["timestamps"][frame]) <= 0.1
     shot(page, "desktop-answer.png", full_page=True)
 
     # Second question: the whole conversation goes back to the service.

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from model.subtitles import parse_subtitles
 from model.tokenizer import LlamaTextTokenizer
 from server.cli import main as cli
 from tests.model.checkpoints import clone, edit_config
@@ -187,3 +188,19 @@ def test_speech_to_text_for_a_video_without_subtitles_runs_once(long_server: Pro
     with httpx.Client(base_url=long_server.url, timeout=60) as http:
         silent = ask(http, upload(http, media["plain"]))
     assert silent["subtitles"] is None
+
+
+def test_the_player_gets_the_videos_subtitles_as_webvtt(server: Process, media) -> None:
+    """``/v1/videos/{id}/subtitles.vtt``: the uploaded file, else the container's track, else 404."""
+    expected = CUES
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for video, extra in ((media["plain"], {"subtitles_file": media["srt"]}), (media["mkv"], {}),
+                             (media["mp4"], {})):
+            video_id = upload(http, video, **extra)
+            reply = http.get(f"/v1/videos/{video_id}/subtitles.vtt")
+            assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/vtt"), video
+            cues = parse_subtitles(reply.text)
+            assert [c.text for c in cues] == [text for _, _, text in expected], video
+            assert [(c.start, c.end) for c in cues] == [(a, b) for a, b, _ in expected], video
+        bare = http.get(f"/v1/videos/{upload(http, media['plain'])}/subtitles.vtt")
+        assert bare.status_code == 404 and bare.json()["error"]["code"] == "no_subtitles"

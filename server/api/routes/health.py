@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from ..deps import Engine, require_api_key
+from ..deps import Engine, ServerSettings, require_api_key
 
 router = APIRouter()
 
@@ -39,7 +39,7 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])  # health and metrics stay open
-async def models(engine: Engine) -> dict:
+async def models(engine: Engine, settings: ServerSettings) -> dict:
     card = await engine.model_card()
     if card is None:
         return {"object": "list", "data": []}
@@ -47,7 +47,13 @@ async def models(engine: Engine) -> dict:
         "id": card.id, "object": "model", "created": int(time.time()), "owned_by": "llamavid",
         "root": card.path, "max_model_len": card.context_length,
         "llamavid": {"tokens_per_frame": card.tokens_per_frame, "device": card.device, "dtype": card.dtype,
-                     "demo": card.demo, "kv_positions": card.kv_positions},
+                     "demo": card.demo, "kv_positions": card.kv_positions,
+                     "long_video": card.long_video, "speech_to_text": card.asr,
+                     # what a client may ask for, so the page can check its settings before sending
+                     "limits": {"max_fps": settings.max_fps, "max_frames": settings.max_frames,
+                                "max_tokens": settings.max_tokens_limit,
+                                "max_question_chars": settings.max_question_chars,
+                                "max_video_bytes": settings.max_video_bytes}},
     }
     if card.demo == "random":
         entry["llamavid"]["warning"] = "random demo weights: answers are noise. Start with --model DIR for real answers."

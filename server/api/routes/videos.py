@@ -7,10 +7,14 @@ streaming progress events meanwhile.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
+
+from model.subtitles import container_subtitles, load_subtitles, to_webvtt
 
 from ...engine.jobs import SubtitleRef, VideoRecord
 from ..deps import Engine, Ingest, ServerSettings, require_card
@@ -88,6 +92,26 @@ async def video_content(video_id: str, request: Request, engine: Engine):
     if data is None:
         raise APIError(410, "the video's bytes are no longer stored", code="media_gone")
     return ranged_response(data, record.content_type or "application/octet-stream", request.headers.get("range"))
+
+
+@router.get("/v1/videos/{video_id}/subtitles.vtt")
+async def video_subtitles(video_id: str, engine: Engine):
+    """The video's subtitles as WebVTT, for the player: the file uploaded with it, else its own text
+    track; 404 when it has neither. (A speech-to-text transcript is made per question, by a worker.)"""
+    record = await _record(engine, video_id)
+    cues = None
+    if record.subtitles is not None and (data := await engine.media.get(record.subtitles)) is not None:
+        cues = await asyncio.to_thread(load_subtitles, data)
+    elif (data := await engine.media.get(record.digest)) is not None:
+        try:
+            cues = await asyncio.to_thread(container_subtitles, data)
+        except (OSError, ValueError):  # an unreadable track is no track, here as for the model
+            cues = None
+    if not cues:
+        raise APIError(404, f"video {video_id} has no subtitles (none uploaded, no text track)",
+                       code="no_subtitles")
+    return Response(to_webvtt(cues), media_type="text/vtt; charset=utf-8",
+                    headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.get("/v1/videos/{video_id}/frames/{index}.jpg")

@@ -1,6 +1,7 @@
 // The conversation: each question is POSTed to /v1/chat/completions with the whole history
 // and streamed back token by token. Stopping aborts the fetch; the service cancels the
-// generation when the connection closes.
+// generation when the connection closes. Every finished turn is kept as a plain record, so the
+// conversation can be saved (session storage) and drawn again after a reload.
 
 import { api, ApiError } from "./api.js";
 import { plainWords } from "./errors.js";
@@ -17,6 +18,7 @@ function element(tag, className, text) {
 /** One question and its answer in the log. */
 class Turn {
   constructor(list, question) {
+    this.record = { question, answer: "", state: "streaming", meta: "", error: null, relevance: null, caveat: "" };
     const asked = element("li", "turn user");
     asked.append(element("p", "who", "You"), element("p", "text", question));
     this.item = element("li", "turn assistant");
@@ -36,6 +38,7 @@ class Turn {
   append(piece) {
     if (!this.status.hidden) this.status.hidden = true;
     this.text.appendData(piece);
+    this.record.answer += piece;
   }
 
   finish(state, meta) {
@@ -43,23 +46,34 @@ class Turn {
     this.item.removeAttribute("aria-busy");
     this.status.hidden = true;
     this.meta.textContent = meta;
+    Object.assign(this.record, { state, meta });
   }
 
-  error(words) {
+  error(words, live = true) {
     const box = element("div", "answer-error");
-    box.setAttribute("role", "alert");
-    box.append(element("p", "error-headline", words.headline), element("p", "error-detail", words.detail));
+    if (live) box.setAttribute("role", "alert");
+    box.append(element("p", "error-headline", words.headline), element("p", "error-detail", words.detail || ""));
     this.item.insertBefore(box, this.meta);
+    this.record.error = { headline: words.headline, detail: words.detail || "" };
+  }
+
+  /** A sentence under the answer about how far to trust it (what the demo model knows). */
+  caveat(text) {
+    if (!text) return;
+    this.item.insertBefore(element("p", "answer-caveat", text), this.meta);
+    this.record.caveat = text;
   }
 }
 
 export class Chat {
-  /** hooks: media (Media), sampling() → request fields, onBusy(bool), onAuthError(), announce(text). */
+  /** hooks: media (Media), sampling() → request fields, onBusy(bool), onAuthError(), announce(text),
+   * caveat(question) → a sentence on how far to trust the answer (or ""), onSave() after every turn. */
   constructor(hooks) {
     this.hooks = hooks;
     this.list = document.getElementById("messages");
     this.empty = document.getElementById("empty-chat");
     this.history = []; // {role, content: string}, alternating, oldest first
+    this.records = []; // one per turn shown, see Turn.record
     this.controller = null;
     this.epoch = 0; // bumped by reset()
     this.pinned = true; // the log follows new text while its end is in view
@@ -77,8 +91,40 @@ export class Chat {
     this.stop();
     this.epoch += 1; // an answer still winding down must not join the new conversation
     this.history = [];
+    this.records = [];
     this.list.replaceChildren();
     this.empty.hidden = false;
+  }
+
+  /** What to save: enough to draw the conversation again and to continue it. */
+  snapshot() {
+    return { history: this.history, turns: this.records.filter((r) => r.state !== "streaming") };
+  }
+
+  /** Draw a saved conversation again (after a reload). */
+  restore(saved) {
+    this.reset();
+    if (!saved || !Array.isArray(saved.turns)) return;
+    this.history = Array.isArray(saved.history) ? saved.history : [];
+    for (const record of saved.turns) {
+      const turn = new Turn(this.list, record.question);
+      if (record.answer) turn.append(record.answer);
+      if (record.relevance) this.showRelevance(turn, record.relevance, record.question);
+      if (record.error) turn.error(record.error, false);
+      turn.caveat(record.caveat);
+      turn.finish(record.state, record.meta);
+      this.records.push(turn.record);
+    }
+    this.empty.hidden = this.records.length > 0;
+    this.list.scrollTop = this.list.scrollHeight;
+  }
+
+  showRelevance(turn, relevance, question) {
+    const { media } = this.hooks;
+    turn.record.relevance = relevance;
+    renderRelevance(turn.relevance, relevance.frames, relevance.moments, media.thumbSrc,
+      (index, time) => media.seek(index, time), (media.video && media.video.duration) || 0);
+    media.showRelevance(relevance.frames, question);
   }
 
   stop() {
@@ -95,6 +141,7 @@ export class Chat {
   async ask(question) {
     if (this.busy || !question.trim()) return false;
     const { media } = this.hooks;
+    if (!media.part()) return false; // nothing attached: an answer would be about nothing
     const body = {
       messages: this.messages(question),
       stream: true,
@@ -105,6 +152,7 @@ export class Chat {
     this.empty.hidden = true;
     this.pinned = true;
     const turn = new Turn(this.list, question);
+    this.records.push(turn.record);
     turn.item.scrollIntoView({ block: "nearest" });
     const controller = new AbortController();
     const epoch = this.epoch;
@@ -114,6 +162,7 @@ export class Chat {
     let text = "";
     let finish = null;
     let usage = null;
+    let frames = null; // frames_used / frames_total, from the finish chunk of a video answer
     let failure = null;
     let stopped = false;
     try {
@@ -135,8 +184,10 @@ export class Chat {
           turn.status.textContent =
             `Waiting for the video: ${extension.frames_done} / ${extension.frames_total ?? "?"} frames extracted…`;
         } else if (extension && extension.type === "relevance" && extension.frames && extension.frames.length) {
-          this.follow(() => renderRelevance(turn.relevance, extension.frames, media.thumbSrc,
-            (index, time) => media.seek(index, time)));
+          const relevance = { frames: extension.frames, moments: extension.moments || null };
+          this.follow(() => this.showRelevance(turn, relevance, question));
+        } else if (extension && extension.frames_total) {
+          frames = extension;
         }
         if (chunk.usage) usage = chunk.usage;
         const choice = chunk.choices && chunk.choices[0];
@@ -176,9 +227,13 @@ export class Chat {
       this.hooks.announce("Answer stopped.");
     } else {
       const empty = text ? "" : "The model gave an empty answer. ";
-      this.follow(() => turn.finish("done", empty + this.summary(finish, usage, seconds, body.max_tokens)));
+      this.follow(() => {
+        turn.caveat(this.hooks.caveat(question));
+        turn.finish("done", empty + this.summary(finish, usage, seconds, body.max_tokens, frames));
+      });
       this.hooks.announce("Answer finished.");
     }
+    if (epoch === this.epoch) this.hooks.onSave();
     return true;
   }
 
@@ -194,7 +249,7 @@ export class Chat {
     });
   }
 
-  summary(finish, usage, seconds, maxTokens) {
+  summary(finish, usage, seconds, maxTokens, frames) {
     const parts = [finish === "length"
       ? `Reached the longest-answer limit${maxTokens ? ` (${maxTokens} tokens)` : ""}` : "Done"];
     parts.push(`${seconds} s`);
@@ -202,6 +257,9 @@ export class Chat {
       parts.push(`${usage.completion_tokens} tokens`);
       const visual = usage.visual_tokens ?? (usage.prompt_tokens_details || {}).visual_tokens;
       if (visual) parts.push(`${visual} visual tokens`);
+    }
+    if (frames && frames.frames_used < frames.frames_total) {
+      parts.push(`used ${frames.frames_used} of ${frames.frames_total} frames (thinned to fit the context)`);
     }
     return parts.join(" · ");
   }

@@ -22,8 +22,12 @@ const BY_CODE = {
   invalid_fps: "The frames-per-second setting is above this service's limit. Lower it under Settings.",
   invalid_max_frames: "Too many frames were asked for. Lower the frames-per-second setting.",
   invalid_max_tokens: "The longest-answer setting is above this service's limit. Lower it under Settings.",
+  // Videos are thinned to fit the context, so what does not fit is the text: the conversation
+  // (and the video's subtitles) leave no room for even one frame and an answer.
   context_length_exceeded:
-    "The video has too many frames for the model. Lower the frames-per-second setting and load the video again.",
+    "The conversation is too long for the model's context. Ask a shorter question or start a new conversation.",
+  audio_only: "That file is sound only, with no pictures. Load the video itself.",
+  invalid_subtitles: "The service could not read those subtitles (SRT or WebVTT expected).",
   question_too_long: "The conversation has become too long. Start a new conversation.",
   too_many_messages: "The conversation has too many turns. Start a new conversation.",
   empty_question: "Type a question first.",

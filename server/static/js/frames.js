@@ -1,6 +1,9 @@
 // The strip of sampled frames and the relevance timeline under each answer. Both are toolbars
 // of buttons with one tab stop: arrow keys, Home and End move between frames, Enter or Space
-// jumps the player there. Every frame button carries data-index and data-time.
+// jumps the player there. Every frame button carries data-index and data-time. Past MAX_BARS
+// frames an answer's timeline is a heat strip (timeline.js) instead of bars.
+
+import { HeatStrip } from "./timeline.js";
 
 export function formatTime(seconds) {
   const tenths = Math.round(Math.max(0, seconds) * 10);
@@ -12,9 +15,10 @@ export function formatTime(seconds) {
   return h ? `${h}:${String(m).padStart(2, "0")}:${s}${frac}` : `${m}:${s}${frac}`;
 }
 
-function percent(weight) {
+export function percent(weight) {
   const p = weight * 100;
-  return p >= 99.95 ? "100%" : `${p.toFixed(1)}%`;
+  if (p >= 99.95) return "100%";
+  return p > 0 && p < 0.1 ? `${p.toPrecision(2)}%` : `${p.toFixed(1)}%`; // an hour of frames: 0.028% each
 }
 
 /** One tab stop per toolbar; arrow keys move the focus between its frame buttons. */
@@ -93,21 +97,10 @@ export function renderStrip(toolbar, timestamps, thumbSrc, onPick) {
 }
 
 let timelines = 0;
+// Past this many frames a bar per frame gets too thin to see or hit: the answer gets a heat strip.
+export const MAX_BARS = 40;
 
-/** The relevance of each frame to one question: a bar per frame, tallest where attention went. */
-export function renderRelevance(container, frames, thumbSrc, onPick) {
-  const id = `relevance-${++timelines}`;
-  const weights = frames.map((f) => Number(f.weight) || 0);
-  const lo = Math.min(...weights);
-  const hi = Math.max(...weights);
-  const spread = hi - lo;
-  const withThumbs = frames.length <= 16;
-
-  const title = document.createElement("p");
-  title.className = "relevance-title";
-  title.id = id;
-  title.textContent = "Where this answer looked: relevance of each frame";
-
+function bars(frames, id, lo, spread, withThumbs, thumbSrc, onPick) {
   const bars = document.createElement("div");
   bars.className = "bars" + (withThumbs ? " with-thumbs" : "");
   bars.setAttribute("role", "toolbar");
@@ -116,9 +109,12 @@ export function renderRelevance(container, frames, thumbSrc, onPick) {
   for (const frame of frames) {
     const weight = Number(frame.weight) || 0;
     const height = spread > 1e-12 ? 0.12 + (0.88 * (weight - lo)) / spread : 1;
+    const unused = frame.used === false;
     const button = frameButton(frame.index, frame.time,
-      `${formatTime(frame.time)}, frame ${frame.index + 1}: ${percent(weight)} of the attention`);
+      `${formatTime(frame.time)}, frame ${frame.index + 1}: ${percent(weight)} of the attention` +
+      (unused ? " (left out to fit the model's context)" : ""));
     button.classList.add("bar");
+    if (unused) button.classList.add("unused");
     button.style.setProperty("--h", height.toFixed(3));
     const track = document.createElement("span");
     track.className = "bar-track";
@@ -142,6 +138,37 @@ export function renderRelevance(container, frames, thumbSrc, onPick) {
     axis.append(tick);
   }
 
+  const box = document.createElement("div");
+  box.append(bars, axis);
+  return box;
+}
+
+/** The relevance of each frame to one question: a bar per frame, tallest where attention went,
+ * dimmed where the frame was thinned out to fit the context, and the moments it adds up to. */
+export function renderRelevance(container, frames, moments, thumbSrc, onPick, duration = 0) {
+  const id = `relevance-${++timelines}`;
+  const weights = frames.map((f) => Number(f.weight) || 0);
+  const lo = Math.min(...weights);
+  const hi = Math.max(...weights);
+  const spread = hi - lo;
+  const withThumbs = frames.length <= 16;
+
+  const title = document.createElement("p");
+  title.className = "relevance-title";
+  title.id = id;
+  title.textContent = "Where this answer looked: relevance of each frame";
+
+  let strip;
+  if (frames.length > MAX_BARS) {
+    strip = document.createElement("div");
+    strip.className = "answer-heat";
+    const heat = new HeatStrip(strip, { label: "Relevance of each moment to this answer", thumbSrc, onSeek: onPick });
+    heat.setFrames(frames.map((f) => f.time), duration);
+    heat.setRelevance(frames);
+  } else {
+    strip = bars(frames, id, lo, spread, withThumbs, thumbSrc, onPick);
+  }
+
   const summary = document.createElement("div");
   summary.className = "relevance-summary";
   if (frames.length > 1) {
@@ -149,33 +176,46 @@ export function renderRelevance(container, frames, thumbSrc, onPick) {
     note.className = "hint";
     note.textContent = hi > 0 && spread / hi < 0.05
       ? `All frames weigh about the same here (about ${percent(1 / frames.length)} each): ` +
-        "the bars magnify tiny differences."
-      : `Bar heights run from the least (${percent(lo)}) to the most relevant frame (${percent(hi)}).`;
+        "the heights magnify tiny differences."
+      : `Heights run from the least (${percent(lo)}) to the most relevant frame (${percent(hi)}).`;
     summary.append(note);
   }
-  const top = [...frames].sort((a, b) => b.weight - a.weight).slice(0, Math.min(3, frames.length));
   const label = document.createElement("span");
-  label.textContent = "Most relevant:";
   const chips = document.createElement("span");
   chips.className = "chips";
-  for (const frame of top) {
-    const chip = document.createElement("button");
-    chip.type = "button";
-    chip.className = "chip";
-    chip.dataset.index = String(frame.index);
-    chip.dataset.time = String(frame.time);
-    chip.append(thumbnail(frame.index, thumbSrc, "chip-thumb"),
-      document.createTextNode(`${formatTime(frame.time)} · ${percent(frame.weight)}`));
-    chip.setAttribute("aria-label", `Jump to ${formatTime(frame.time)} (${percent(frame.weight)} of the attention)`);
-    chip.addEventListener("click", () => onPick(frame.index, frame.time));
-    chips.append(chip);
+  const chip = (index, time, text, aria) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "chip";
+    button.dataset.index = String(index);
+    button.dataset.time = String(time);
+    button.append(thumbnail(index, thumbSrc, "chip-thumb"), document.createTextNode(text));
+    button.setAttribute("aria-label", aria);
+    button.addEventListener("click", () => onPick(index, time));
+    chips.append(button);
+  };
+  if (moments && moments.length) {
+    label.textContent = "Moments:";
+    for (const moment of moments) {
+      const time = (frames[moment.frame] || {}).time ?? moment.start;
+      const span = `${formatTime(moment.start)}–${formatTime(moment.end)}`;
+      chip(moment.frame, time, `${span} · ${percent(moment.score)}`,
+        `Jump to the moment ${span} (${percent(moment.score)} of the attention)`);
+    }
+  } else {
+    label.textContent = "Most relevant:";
+    const top = [...frames].sort((a, b) => b.weight - a.weight).slice(0, Math.min(3, frames.length));
+    for (const frame of top) {
+      chip(frame.index, frame.time, `${formatTime(frame.time)} · ${percent(frame.weight)}`,
+        `Jump to ${formatTime(frame.time)} (${percent(frame.weight)} of the attention)`);
+    }
   }
   const line = document.createElement("p");
   line.className = "top-frames";
   line.append(label, chips);
   summary.append(line);
 
-  container.replaceChildren(title, bars, axis, summary);
+  container.replaceChildren(title, strip, summary);
   container.hidden = false;
 }
 

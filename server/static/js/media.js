@@ -2,8 +2,9 @@
 // extracted in the background while this page polls its status) or an image (sent inline,
 // as a data: URL or a link, with each question).
 
-import { getJSON, mediaSrc, forgetMedia, uploadFile } from "./api.js";
+import { api, getJSON, mediaSrc, forgetMedia, uploadFile } from "./api.js";
 import { formatTime, makeRoving, markCurrent, renderStrip } from "./frames.js";
+import { HeatStrip } from "./timeline.js";
 
 const IMAGE_LINK = /\.(png|jpe?g|gif|webp|bmp)$/i;
 const MAX_IMAGE_BYTES = 32 * 1024 * 1024;
@@ -23,7 +24,8 @@ function isImageFile(file) {
 }
 
 export class Media {
-  /** hooks: fps() for new videos, onChange() when the subject changes, onError(err), announce(text). */
+  /** hooks: fps() for new videos, onChange() when the subject changes, onError(err), announce(text),
+   * framesThatFit() → about how many frames one question can use (null when unknown). */
   constructor(hooks) {
     this.hooks = hooks;
     this.statusText = document.getElementById("status-text");
@@ -35,6 +37,7 @@ export class Media {
     this.frames = document.getElementById("frames");
     this.strip = document.getElementById("frame-strip");
     this.kind = null; // "video" | "image" | null
+    this.relevance = null; // the last answer's {frames, question}, drawn on the scrubber
     this.video = null; // the service's VideoObject
     this.imageUrl = null;
     this.localUrl = null;
@@ -47,6 +50,23 @@ export class Media {
     });
     this.player.addEventListener("timeupdate", () => this.followPlayer());
     this.thumbSrc = (index) => mediaSrc(`/v1/videos/${encodeURIComponent(this.video.id)}/frames/${index}.jpg`);
+    // The scrubber's heat strip, right under the player: the last answer's relevance over the whole video.
+    this.timeline = document.getElementById("timeline");
+    this.timelineNote = document.getElementById("timeline-note");
+    this.heat = new HeatStrip(document.getElementById("timeline-strip"), {
+      label: "Video timeline: relevance of each moment to the last answer",
+      thumbSrc: this.thumbSrc,
+      onSeek: (index, time) => this.seek(index, time),
+    });
+  }
+
+  /** Colour the scrubber's strip with an answer's relevance. */
+  showRelevance(frames, question) {
+    if (!this.isVideo()) return;
+    this.relevance = { frames, question }; // kept: a restored conversation can arrive before the frames do
+    if (this.video.status !== "ready") return;
+    this.heat.setRelevance(frames);
+    this.timelineNote.textContent = `Relevance to “${question}”: taller and darker where the answer looked.`;
   }
 
   /** The content part for the first user message, or null when nothing is loaded. */
@@ -107,6 +127,33 @@ export class Media {
     }
   }
 
+  /** A video the service already has (the id in the page's address, after a reload). */
+  async loadById(id) {
+    const generation = this.reset();
+    this.setStatus("Loading the video from the last visit…", 0);
+    try {
+      const video = await getJSON(`/v1/videos/${encodeURIComponent(id)}`);
+      if (generation === this.generation) await this.track(video, generation, null);
+    } catch (err) {
+      if (generation === this.generation) this.fail(err);
+    }
+  }
+
+  /** Ask the service for a demo clip; resolves to its record (with the questions it was made for), or null. */
+  async loadDemo() {
+    const generation = this.reset();
+    this.setStatus("Making a demo clip…", 0);
+    try {
+      const clip = await getJSON("/v1/demo/clip", { method: "POST" });
+      if (generation !== this.generation) return null;
+      this.track(clip, generation, null);
+      return clip;
+    } catch (err) {
+      if (generation === this.generation) this.fail(err);
+      return null;
+    }
+  }
+
   /** Forget the current subject; returns the new generation. */
   reset() {
     this.generation += 1;
@@ -121,6 +168,8 @@ export class Media {
     this.image.removeAttribute("src");
     this.viewer.hidden = true;
     this.frames.hidden = true;
+    this.timeline.hidden = true;
+    this.relevance = null;
     this.note.hidden = true;
     this.strip.replaceChildren();
     this.hooks.onChange();
@@ -151,6 +200,20 @@ export class Media {
     this.hooks.onChange();
   }
 
+  /** The video's subtitles (uploaded with it, or its own text track) as a track on the player;
+   * fetched, not linked, so that a key set under Settings is sent (a 404: it has none). */
+  showSubtitles(video, generation) {
+    for (const old of this.player.querySelectorAll("track")) old.remove();
+    api(`/v1/videos/${encodeURIComponent(video.id)}/subtitles.vtt`)
+      .then((response) => response.blob())
+      .then((blob) => {
+        if (generation !== this.generation) return;
+        const track = document.createElement("track");
+        Object.assign(track, { kind: "subtitles", label: "Subtitles", default: true, src: URL.createObjectURL(blob) });
+        this.player.append(track);
+      }, () => {});
+  }
+
   async track(video, generation, localSrc) {
     this.kind = "video";
     this.video = video;
@@ -162,6 +225,7 @@ export class Media {
     Promise.resolve(localSrc || mediaSrc(content)).then(
       (src) => { if (generation === this.generation) this.player.src = src; },
       () => { this.note.textContent = "The video itself could not be loaded for playback."; this.note.hidden = false; });
+    this.showSubtitles(video, generation);
     let delay = 200;
     for (;;) {
       this.showProgress(video);
@@ -169,6 +233,9 @@ export class Media {
       if (video.status === "failed") {
         const error = video.error || {};
         this.setStatus("The video could not be used.");
+        this.kind = null; // nothing attached: questions would be about nothing
+        this.video = null;
+        this.hooks.onChange();
         this.hooks.onError({ headline: "The service could not extract frames from this video.",
           detail: `The service said: “${error.message || "unknown error"}”${error.code ? ` (${error.code})` : ""}` });
         return undefined;
@@ -203,6 +270,13 @@ export class Media {
     const times = video.timestamps || [];
     renderStrip(this.strip, times, this.thumbSrc, (index, time) => this.seek(index, time));
     this.frames.hidden = times.length === 0;
+    this.timeline.hidden = times.length === 0;
+    this.heat.setFrames(times, video.duration);
+    const fit = this.hooks.framesThatFit ? this.hooks.framesThatFit() : null;
+    this.timelineNote.textContent = `${times.length} sampled frames. Ask a question to see where the answer looked.` +
+      (fit && times.length > fit ? ` The model's context holds about ${fit} of them: each answer uses that many, ` +
+        "evenly spaced." : "");
+    if (this.relevance) this.showRelevance(this.relevance.frames, this.relevance.question);
     this.hooks.announce(`Video ready: ${times.length} frames. Ask a question about it.`);
   }
 
@@ -211,8 +285,10 @@ export class Media {
     if (this.kind !== "video") return;
     this.player.currentTime = time;
     markCurrent(index);
+    this.heat.setCurrent(index);
+    // On a phone the answers sit below the player: bring it back into view to show the seek.
     const box = this.player.getBoundingClientRect();
-    if (box.bottom < 0 || box.top > window.innerHeight) {
+    if (box.top < 0 || box.bottom > window.innerHeight) {
       this.player.scrollIntoView({ block: "nearest", behavior: matchMedia("(prefers-reduced-motion: reduce)").matches ? "auto" : "smooth" });
     }
   }
@@ -224,5 +300,6 @@ export class Media {
     let index = 0;
     while (index + 1 < times.length && times[index + 1] <= t) index += 1;
     markCurrent(index);
+    this.heat.setCurrent(index);
   }
 }
