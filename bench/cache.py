@@ -3,11 +3,17 @@
 Measured in one run, against the Redis at ``--redis-url`` (keys under ``--namespace``, all removed
 at the end):
 
-1. Redis -> one [T, N, C] tensor through ``RedisFeatureStore``: ``get_frames`` + ``torch.stack``
-   (the generic path) and ``get_video`` (decodes straight into the output).
-2. Baselines: the same keys fetched with plain redis-py ``MGET`` s of the same chunk size and no
-   decoding (ours/raw is reported), and, where ``redis-benchmark`` is installed, its C client's
-   GET rate for one value of the same size (what the server can push on this machine).
+1. Redis -> one [T, N, C] tensor through ``RedisFeatureStore``: ``get_video`` (``--connections``
+   sockets in parallel, each value received straight into the output), ``get_frames`` +
+   ``torch.stack`` (the generic path), and ``get_video`` on the old single-connection ``MGET``
+   path (``connections=0``) for a before/after in the same run.
+2. Baselines: the same keys fetched with redis-py pipelined ``GET`` s (hiredis parser when
+   installed) of ``--chunk-size`` keys and no decoding, and ``redis-benchmark`` (C client)
+   GETting one of the same blobs as many times as there are frames, with ``-c``/``-P`` from
+   ``--bench-clients``/``--bench-pipeline``. Each ours/baseline rate ratio is taken per round,
+   then the median is reported (``ratio_<path>_vs_redispy``, ``ratio_<path>_vs_c_client``), and
+   the same for CPU seconds (``cpu_ratio_*``: the baseline's CPU over ours, redis-benchmark's
+   counted from its child-process rusage), which is steadier when other jobs load the machine.
 3. The hot tier: ``TieredFeatureStore.get_video`` once through Redis (promoting) and then from
    memory, with the cold tier's byte counter showing what the repeat moved over the network.
 4. int8 vs fp16: stored bytes per frame, reconstruction error on ViT-like random features, and
@@ -113,17 +119,28 @@ class Timing:
 
 
 async def interleaved(
-    rounds: int, variants: dict[str, Variant], check: Callable[[str, object], None]
+    rounds: int,
+    variants: dict[str, Variant],
+    check: Callable[[str, object], None],
+    seconds_of: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, Timing]:
-    """Time each variant once per round, in turn; each result is checked, then freed."""
+    """Time each variant once per round, in turn; each result is checked, then freed.
+
+    Variants named in ``seconds_of`` time themselves (an external tool): they return their
+    (wall, CPU) seconds.
+    """
     timings = {name: Timing() for name in variants}
     for _ in range(rounds):
         for name, run in variants.items():
             gc.collect()
             wall, cpu = time.perf_counter(), time.process_time()
             result = await run()
-            timings[name].wall.append(time.perf_counter() - wall)
-            timings[name].cpu.append(time.process_time() - cpu)
+            elapsed = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
+            if name in seconds_of:
+                elapsed, cpu = result  # type: ignore[misc]
+            timings[name].wall.append(elapsed)
+            timings[name].cpu.append(cpu)
             check(name, result)
             del result
     return timings
@@ -154,16 +171,24 @@ async def write_video(store: RedisFeatureStore, digest: str, base: torch.Tensor,
     return time.perf_counter() - start
 
 
-def redis_benchmark_get(url: str, key: str, value_size: int, requests: int) -> dict[str, object] | None:
-    """GET rate of redis-benchmark's C client on one key, or ``None`` without the tool."""
+def redis_benchmark_command(url: str, key: str, requests: int, clients: int, pipeline: int) -> list[str] | None:
+    """redis-benchmark's C client GETting our own blob ``key`` (``-d`` would size only its own
+    keys; GET of a real blob keeps the value identical), or ``None`` without the tool."""
     tool, parsed = shutil.which("redis-benchmark"), urlparse(url)
     if tool is None or parsed.scheme != "redis" or parsed.password:
         return None
     host, port, db = parsed.hostname or "127.0.0.1", parsed.port or 6379, parsed.path.strip("/") or "0"
-    command = [tool, *f"-h {host} -p {port} --dbnum {db} -n {requests} -c 4 -P 4 --csv GET".split(), key]
+    flags = f"-h {host} -p {port} --dbnum {db} -n {requests} -c {clients} -P {pipeline} --csv GET"
+    return [tool, *flags.split(), key]
+
+
+def run_redis_benchmark(command: list[str]) -> tuple[float, float]:
+    """Requests per second that one redis-benchmark run reports, and the CPU seconds it used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     output = subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
-    rps = float(output.strip().splitlines()[-1].split(",")[1].strip('"'))
-    return {"args": " ".join(command[1:]), "rps": rps, "gb_per_s": rps * value_size / 1e9}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return float(output.strip().splitlines()[-1].split(",")[1].strip('"')), cpu
 
 
 def make_manifest(digest: str, frames: int, tokens: int, dim: int) -> Manifest:
@@ -182,47 +207,60 @@ def make_manifest(digest: str, frames: int, tokens: int, dim: int) -> Manifest:
 
 
 async def redis_reads(args, client, store, manifest, base, blob_bytes) -> dict[str, object]:
-    """Sections 1 and 2: our read paths against plain MGET, interleaved."""
+    """Sections 1 and 2: our read paths against redis-py and the C client, interleaved per round.
+
+    redis-benchmark GETs one of the same blobs ``frames`` times per round, so each round moves
+    the same bytes through the C client as through ours; its time is requests / its reported rate.
+    """
     digest, frames = manifest.video_digest, manifest.num_frames
     keys = FeatureKeys(args.namespace).frames(ENCODER, digest, manifest.frame_indices)
+    sequential = RedisFeatureStore(client, namespace=args.namespace, chunk_size=args.chunk_size, connections=0)
+    command = redis_benchmark_command(args.redis_url, keys[0], frames, args.bench_clients, args.bench_pipeline)
 
-    async def raw_mget() -> int:
+    async def pipelined_get() -> int:
         total = 0
         for start in range(0, len(keys), args.chunk_size):
-            total += sum(map(len, await client.mget(keys[start : start + args.chunk_size])))
+            pipe = client.pipeline(transaction=False)
+            for key in keys[start : start + args.chunk_size]:
+                pipe.get(key)
+            total += sum(map(len, await pipe.execute()))
         return total
+
+    async def c_client() -> tuple[float, float]:
+        assert command is not None
+        rps, cpu = await asyncio.to_thread(run_redis_benchmark, command)
+        return frames / rps, cpu  # seconds for the same number of GETs
 
     async def frames_and_stack() -> torch.Tensor:
         return torch.stack(await store.get_frames(ENCODER, digest, manifest.frame_indices))
 
     def check(name: str, result: object) -> None:
-        if name == "raw_mget_no_decode":
-            assert result == blob_bytes, "raw MGET missed keys"
-        else:
+        if name == "redispy_pipelined_get":
+            assert result == blob_bytes, "redis-py GETs missed keys"
+        elif name != "redis_benchmark_c_client_get":
             check_video(result, base, frames)
 
-    times = await interleaved(
-        args.repeats,
-        {
-            "raw_mget_no_decode": raw_mget,
-            "redis_get_frames_stack": frames_and_stack,
-            "redis_get_video": lambda: store.get_video(manifest),
-        },
-        check,
-    )
+    variants: dict[str, Variant] = {
+        "redispy_pipelined_get": pipelined_get,
+        "redis_get_video": lambda: store.get_video(manifest),
+        "redis_get_frames_stack": frames_and_stack,
+        "redis_get_video_sequential_mget": lambda: sequential.get_video(manifest),
+    }
+    if command is not None:
+        variants["redis_benchmark_c_client_get"] = c_client
+    times = await interleaved(args.repeats, variants, check, seconds_of={"redis_benchmark_c_client_get"})
     out: dict[str, object] = {name: rate(blob_bytes, t) for name, t in times.items()}
-    raw = times["raw_mget_no_decode"]
-    for name in ("redis_get_video", "redis_get_frames_stack"):  # rate ratio per round, then the median
-        ratios = [r / ours for r, ours in zip(raw.wall, times[name].wall, strict=True)]
-        out[f"ratio_{name}_vs_raw"] = statistics.median(ratios)
-        cpu_ratios = [r / ours for r, ours in zip(raw.cpu, times[name].cpu, strict=True)]
-        out[f"cpu_ratio_{name}_vs_raw"] = statistics.median(cpu_ratios)
-    raw_key = f"{args.namespace}:raw-benchmark-value"
-    value = encode(base[0])
-    await client.set(raw_key, value)
-    out["redis_benchmark_c_client_get"] = redis_benchmark_get(
-        args.redis_url, raw_key, len(value), requests=max(200, min(frames, 2000))
-    )
+    if command is not None:
+        out["redis_benchmark_c_client_get"]["args"] = " ".join(command[1:])
+    baselines = {"redispy": "redispy_pipelined_get", "c_client": "redis_benchmark_c_client_get"}
+    for name in ("redis_get_video", "redis_get_frames_stack", "redis_get_video_sequential_mget"):
+        for short, baseline in baselines.items():
+            if baseline in times:  # rate ratio per round (same load), then the median
+                ratios = [b / ours for b, ours in zip(times[baseline].wall, times[name].wall, strict=True)]
+                out[f"ratio_{name}_vs_{short}"] = statistics.median(ratios)
+                cpu = [b / ours for b, ours in zip(times[baseline].cpu, times[name].cpu, strict=True)]
+                out[f"cpu_ratio_{name}_vs_{short}"] = statistics.median(cpu)  # >1: we use less CPU
+    out["parallel_read_open_connections"] = store.open_connections
     return out
 
 
@@ -309,9 +347,10 @@ async def int8_vs_fp16(args, fp16_store, int8_store, manifest, base) -> dict[str
 
 async def bench(args: argparse.Namespace) -> dict[str, object]:
     client = aioredis.Redis.from_url(args.redis_url, decode_responses=False)
-    fp16_store = RedisFeatureStore(client, namespace=args.namespace, chunk_size=args.chunk_size)
+    parallel = {"connections": args.connections, "window": args.window}
+    fp16_store = RedisFeatureStore(client, namespace=args.namespace, chunk_size=args.chunk_size, **parallel)
     int8_store = RedisFeatureStore(
-        client, namespace=f"{args.namespace}:int8", fmt="int8", chunk_size=args.chunk_size
+        client, namespace=f"{args.namespace}:int8", fmt="int8", chunk_size=args.chunk_size, **parallel
     )
     digest = digest_bytes(f"bench-video-{uuid.uuid4()}".encode())
     manifest = make_manifest(digest, args.frames, args.tokens, args.dim)
@@ -334,6 +373,8 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
             await client.unlink(*leftovers)
         results["keys_deleted_at_end"] = removed + len(leftovers)
         server = await client.info("server")
+        await fp16_store.close()
+        await int8_store.close()
         await client.aclose()
     results["load_average_end"] = os.getloadavg()
     results["peak_rss_gb"] = _peak_rss_gb()
@@ -343,6 +384,10 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         "dim": args.dim,
         "distinct_frames": args.distinct,
         "chunk_size": args.chunk_size,
+        "connections": args.connections,
+        "window": args.window,
+        "redis_benchmark_clients": args.bench_clients,
+        "redis_benchmark_pipeline": args.bench_pipeline,
         "repeats": args.repeats,
         "feature_tensor_bytes": tensor_bytes,
         "fp16_blob_bytes_total": blob_bytes,
@@ -350,12 +395,20 @@ async def bench(args: argparse.Namespace) -> dict[str, object]:
         "redis_version": server.get("redis_version"),
         "redis_py": redis.__version__,
         "hiredis": HIREDIS_AVAILABLE,
+        "crc32": crc32_impl(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
     }
     return results
+
+
+def crc32_impl() -> str:
+    """Which CRC-32 the serialiser verifies with (ISA-L, or zlib's slower one)."""
+    from cache import serialize
+
+    return f"{serialize._crc32.__module__}.{serialize._crc32.__name__}"
 
 
 def _peak_rss_gb() -> float:
@@ -371,26 +424,30 @@ def print_table(r: dict) -> None:
     )
     print(f"per MGET; median of {s['repeats']} interleaved rounds; load average {load}")
     rows = [
-        ("Redis -> [T,N,C]: get_video (in place)", r["redis_get_video"]),
+        ("Redis -> [T,N,C]: get_video (parallel)", r["redis_get_video"]),
         ("Redis -> [T,N,C]: get_frames + stack", r["redis_get_frames_stack"]),
-        ("baseline: raw redis-py MGET, no decode", r["raw_mget_no_decode"]),
+        ("Redis -> [T,N,C]: get_video, 1 conn MGET", r["redis_get_video_sequential_mget"]),
+        ("baseline: redis-py pipelined GET, no decode", r["redispy_pipelined_get"]),
+        ("baseline: redis-benchmark GET (C client)", r.get("redis_benchmark_c_client_get")),
         ("tiered, first read (Redis + promote)", hot["first_read_through_redis"]),
         ("tiered, repeat get_video (hot tier)", hot["repeat_get_video_from_hot"]),
         ("int8 store: get_video", q["int8_get_video"]),
     ]
-    print(f"{'path':<44}{'wall s':>8}{'GB/s':>7}{'CPU s':>8}")
+    print(f"{'path':<46}{'wall s':>8}{'GB/s':>7}{'CPU s':>8}")
     for name, row in rows:
+        if row is None:
+            continue
         cpu = f"{row['cpu_seconds_median']:>8.2f}" if "cpu_seconds_median" in row else ""
-        print(f"{name:<44}{row.get('seconds_median', row.get('seconds')):>8.3f}{row['gb_per_s']:>7.2f}{cpu}")
-    if r.get("redis_benchmark_c_client_get"):
-        ceiling = r["redis_benchmark_c_client_get"]["gb_per_s"]
-        print(f"{'redis-benchmark GET, C client (server ceiling)':<52}{ceiling:>7.2f}")
+        print(f"{name:<46}{row.get('seconds_median', row.get('seconds')):>8.3f}{row['gb_per_s']:>7.2f}{cpu}")
+    for name in ("redis_get_video", "redis_get_frames_stack", "redis_get_video_sequential_mget"):
+        ratios = [
+            f"vs {b} {r[f'ratio_{name}_vs_{b}']:.2f}x (CPU {r[f'cpu_ratio_{name}_vs_{b}']:.2f}x)"
+            for b in ("redispy", "c_client")
+            if f"ratio_{name}_vs_{b}" in r
+        ]
+        print(f"{name}: " + ", ".join(ratios))
     hot_ms = hot["repeat_get_frames_from_hot_no_stack"]["seconds_median"] * 1e3
     print(
-        f"ours/raw rate: get_video {r['ratio_redis_get_video_vs_raw']:.2f} "
-        f"(CPU {r['cpu_ratio_redis_get_video_vs_raw']:.2f}), "
-        f"get_frames+stack {r['ratio_redis_get_frames_stack_vs_raw']:.2f} "
-        f"(CPU {r['cpu_ratio_redis_get_frames_stack_vs_raw']:.2f}); "
         f"hot get_frames (references) {hot_ms:.1f} ms; "
         f"cold bytes read by repeats: {hot['cold_bytes_read_by_repeats']}"
     )
@@ -412,7 +469,11 @@ def main() -> None:
     parser.add_argument("--namespace", default=f"bench:cache:{uuid.uuid4().hex[:8]}")
     parser.add_argument("--distinct", type=int, default=64, help="distinct random frames, reused cyclically")
     parser.add_argument("--chunk-size", type=int, default=32, help="keys per MGET / SET pipeline")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=4, help="parallel read sockets (0: MGET)")
+    parser.add_argument("--window", type=int, default=4, help="GETs per write on each socket")
+    parser.add_argument("--bench-clients", type=int, default=4, help="redis-benchmark -c")
+    parser.add_argument("--bench-pipeline", type=int, default=4, help="redis-benchmark -P")
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "cache.json")
     args = parser.parse_args()
     args.distinct = min(args.distinct, args.frames)

@@ -1,12 +1,14 @@
 """Redis backend: one safetensors blob per frame (see :mod:`cache.serialize`), one JSON manifest
 per sampling, shared by every API and worker process and surviving their restarts.
 
-Reads go out as chunked ``MGET`` s (``chunk_size`` keys per round trip) and are decoded straight
-into the output tensor with vectorised copies, in a worker thread that overlaps the next round
-trip; writes go out as non-transactional pipelines of ``SET ... EX``, encoded the same way. The
-default chunk of 32 keys (~23 MB of 257x1408 fp16 frames) was measured fastest with redis-py's
-pure-Python parser on localhost: replies of hundreds of MB are slower, because the client buffers
-and re-copies a whole reply before returning it.
+Frame reads (``get_frames``, ``get_video``) go over ``connections`` plain sockets of our own
+(:mod:`cache.wire`, :mod:`cache.parallel`): each fetches a contiguous slice of the frames with
+pipelined GETs on its own thread and receives every value straight into the output tensor, so a
+read runs near what the server can send (see the README's benchmark). Where the client connects in
+a way those sockets do not mimic (TLS, Sentinel, credential providers), or with ``connections=0``,
+reads go out as chunked ``MGET`` s on the redis-py client (``chunk_size`` keys per round trip),
+decoded in a worker thread that overlaps the next round trip. Manifests always take that path.
+Writes go out as non-transactional pipelines of ``SET ... EX``, ``chunk_size`` frames each.
 
 Deployment: give Redis a ``maxmemory`` and ``maxmemory-policy allkeys-lru``. Every key here is
 recomputable, so letting Redis evict the least recently used frames is the intended way to bound
@@ -29,12 +31,15 @@ import redis.asyncio as aioredis
 import torch
 from redis.exceptions import RedisError
 
+from cache.buffers import BufferRecycler
 from cache.errors import CacheUnavailableError, CorruptEntryError
 from cache.keys import DEFAULT_NAMESPACE, FeatureKeys
 from cache.manifest import Manifest
+from cache.parallel import Outcome, OutputFor, ParallelReader, SliceReport
 from cache.purge import delete_video_keys
 from cache.serialize import FORMATS, Format, decode, encode
 from cache.store import CacheStats, check_features, check_manifest_sampling_id
+from cache.wire import WireEndpoint, WireReplyError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +53,7 @@ _COUNTERS = ("queries", "hits", "misses", "corrupt", "bytes_read", "bytes_writte
 def _unavailable_on_error(action: str) -> Iterator[None]:
     try:
         yield
-    except (RedisError, OSError) as error:
+    except (RedisError, OSError, WireReplyError) as error:
         raise CacheUnavailableError(f"Redis {action} failed: {error!r}") from error
 
 
@@ -57,6 +62,11 @@ class RedisFeatureStore:
 
     The client must return bytes (``decode_responses=False``). It stays the caller's unless
     ``owns_client`` is set (as :meth:`from_url` does), in which case :meth:`close` closes it.
+    Frame reads use up to ``connections`` sockets of the store's own to the client's server
+    (opened on first use, kept for reuse, closed by :meth:`close`), ``window`` GETs per write.
+    :meth:`get_video` receives into buffers of up to ``reuse_bytes`` in all that are reused once
+    the caller has dropped the tensors it got (see :class:`cache.buffers.BufferRecycler`); 0
+    allocates every video afresh.
     """
 
     def __init__(
@@ -67,6 +77,9 @@ class RedisFeatureStore:
         ttl_seconds: int | None = None,
         fmt: Format = "float16",
         chunk_size: int = 32,
+        connections: int = 4,
+        window: int = 4,
+        reuse_bytes: int = 4 << 30,
         owns_client: bool = False,
     ) -> None:
         if client.get_encoder().decode_responses:
@@ -77,13 +90,32 @@ class RedisFeatureStore:
             raise ValueError(f"ttl_seconds must be positive or None, got {ttl_seconds}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if connections < 0 or window < 1 or reuse_bytes < 0:
+            raise ValueError(
+                f"need connections >= 0, window >= 1, reuse_bytes >= 0; got {connections}, {window}, {reuse_bytes}"
+            )
         self.client = client
         self.keys = FeatureKeys(namespace)
         self.ttl_seconds = ttl_seconds
         self.fmt: Format = fmt
         self.chunk_size = chunk_size
+        self.connections = connections
+        self.window = window
         self._owns_client = owns_client
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        endpoint = WireEndpoint.from_client(client) if connections else None
+        self._reader = ParallelReader(endpoint, connections, window) if endpoint is not None else None
+        self._buffers = BufferRecycler(reuse_bytes)
+
+    @property
+    def parallel_reads(self) -> bool:
+        """Whether frame reads take the parallel socket path (else chunked MGETs on the client)."""
+        return self._reader is not None
+
+    @property
+    def open_connections(self) -> int:
+        """Sockets of the parallel path open right now (the redis-py client's are not counted)."""
+        return self._reader.open_connections if self._reader is not None else 0
 
     @classmethod
     def from_url(cls, url: str, **kwargs: object) -> RedisFeatureStore:
@@ -161,11 +193,61 @@ class RedisFeatureStore:
                 complete &= await self._settle(*pending)
         return complete
 
+    async def _tally(self, outcomes: list[Outcome], expected: int) -> tuple[bool, str | None]:
+        """Count the slices' outcomes, delete corrupt keys, raise the first failure.
+
+        Returns whether all ``expected`` keys were read and sound, and a shape-mismatch message.
+        """
+        reports = [o for o in outcomes if isinstance(o, SliceReport)]
+        corrupt = [key for report in reports for key in report.corrupt]
+        for report in reports:
+            self._counts["queries"] += report.replies
+            self._counts["hits"] += report.hits
+            self._counts["misses"] += report.nils + len(report.corrupt)
+            self._counts["bytes_read"] += report.bytes_read
+        self._counts["corrupt"] += len(corrupt)
+        for key in corrupt:
+            logger.warning("deleting corrupt cache entry %s", key)
+        if corrupt:
+            with _unavailable_on_error("UNLINK"):
+                await self.client.unlink(*corrupt)
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if failures:
+            with _unavailable_on_error("GET"):
+                raise failures[0]
+        mismatch = next((r.mismatch for r in reports if r.mismatch), None)
+        sound = sum(r.hits for r in reports) == expected
+        return sound and mismatch is None, mismatch
+
+    async def _read_parallel(
+        self, keys: list[str], output_for: OutputFor, *, stop_on_miss: bool
+    ) -> tuple[list[torch.Tensor | None], bool, str | None]:
+        """GET ``keys`` over the socket pool, one slice per connection, each on its own thread.
+
+        Returns the tensors (``None`` for misses), whether all were found and sound, and a
+        shape-mismatch message if some blob did not fit its output. A cancelled caller still waits
+        for the threads (they write into tensors the caller owns), which stop at their next window.
+        """
+        assert self._reader is not None
+        results, stop, gathered = self._reader.start(keys, output_for, stop_on_miss=stop_on_miss)
+        try:
+            outcomes = await asyncio.shield(gathered)
+        except asyncio.CancelledError:
+            stop.set()
+            with contextlib.suppress(CacheUnavailableError):  # the cancellation is what the caller sees
+                await self._tally(await gathered, len(keys))
+            raise
+        complete, mismatch = await self._tally(outcomes, len(keys))
+        return results, complete, mismatch
+
     async def get_frames(
         self, encoder_id: str, video_digest: str, indices: Sequence[int]
     ) -> list[torch.Tensor | None]:
         """CPU float16 features per index, ``None`` for misses (and for deleted corrupt entries)."""
         keys = self.keys.frames(encoder_id, video_digest, indices)
+        if self.parallel_reads and keys:
+            frames, _, _ = await self._read_parallel(keys, lambda _: None, stop_on_miss=False)
+            return frames
         results: list[torch.Tensor | None] = [None] * len(keys)
 
         def consume(position: int, blob: bytes) -> None:
@@ -181,7 +263,15 @@ class RedisFeatureStore:
         computation) also yields ``None``.
         """
         keys = self.keys.frames(manifest.encoder_id, manifest.video_digest, manifest.frame_indices)
-        video = torch.empty([len(keys), *manifest.feature_shape], dtype=torch.float16)
+        video = self._buffers.empty([len(keys), *manifest.feature_shape])
+        if self.parallel_reads and keys:
+            _, complete, mismatch = await self._read_parallel(
+                keys, lambda position: video[position], stop_on_miss=True
+            )
+            if mismatch is not None:
+                logger.warning("cached frames of %s do not match its manifest: %s", manifest.video_digest, mismatch)
+                return None
+            return video if complete else None
 
         def consume(position: int, blob: bytes) -> None:
             decode(blob, out=video[position])
@@ -265,6 +355,9 @@ class RedisFeatureStore:
         return CacheStats(**self._counts)
 
     async def close(self) -> None:
-        """Close the client if this store created it."""
+        """Close the parallel path's sockets and threads, and the client if this store created it."""
+        if self._reader is not None:
+            self._reader.close()
+        self._buffers.clear()
         if self._owns_client:
             await self.client.aclose()

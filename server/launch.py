@@ -20,6 +20,14 @@ def run(command: str, settings: Settings, *, log_level: str = "info") -> int:
         log.error("`llamavid %s` needs REDIS_URL (or LLAMAVID_REDIS_URL)%s", command,
                   "; use `llamavid serve` for one process" if command == "api" else "")
         return 2
+    if command == "worker":  # before CUDA starts: `--device cuda:N` makes GPU N the only one it sees
+        from .worker.startup import StartupError, pin_device
+
+        try:
+            settings = pin_device(settings)
+        except StartupError as exc:
+            log.error("%s", exc)
+            return exc.code
     if command in ("serve", "worker"):  # before anything starts: a model that cannot fit never reports ready
         from .worker.loading import PlanError, check_plan, plan_for
 
@@ -41,6 +49,8 @@ def run(command: str, settings: Settings, *, log_level: str = "info") -> int:
         from .worker.local import local_engine_factory as factory
     else:
         from .engine.redis.client import redis_engine_factory as factory
-    app = create_app(settings, factory)
+    from .demo_clips import make_demo_clip  # offered only while the trained demo model is served
+
+    app = create_app(settings, factory, demo_clips=make_demo_clip)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
     return 0

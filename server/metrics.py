@@ -9,8 +9,8 @@ wraps it in :meth:`~LlamaVidMetrics.track_request` and times its stages with
 :meth:`~LlamaVidMetrics.stage`; the server code around the feature cache calls
 :meth:`~LlamaVidMetrics.cache_lookup` (``cache/`` does not import ``server/``); the API counts
 responses with :meth:`~LlamaVidMetrics.http_request`, reports queue lengths and serves
-:meth:`~LlamaVidMetrics.exposition` on ``/metrics``; the worker calls
-:meth:`~LlamaVidMetrics.serve_http` on its metrics port. Gauges are per process:
+:meth:`~LlamaVidMetrics.exposition` on ``/metrics``; the worker serves its registry on its own
+metrics port (``server.worker.startup.serve_metrics``). Gauges are per process:
 ``num_requests_*`` add up across processes, ``queue_depth`` is a shared queue's length as one
 process saw it (aggregate it with ``max``).
 """
@@ -21,10 +21,8 @@ import asyncio
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from threading import Thread
 from types import TracebackType
 from typing import Final
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,7 +32,6 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.exposition import choose_encoder
 
@@ -249,10 +246,6 @@ class LlamaVidMetrics:
         """The scrape body and its content type, negotiated from the ``Accept`` header."""
         encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
-
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> tuple[WSGIServer, Thread]:
-        """Serve ``/metrics`` from a daemon thread (the worker's metrics port)."""
-        return start_http_server(port, addr, registry=self.registry)
 
 
 class LlamaVidRequestMetrics:

@@ -84,12 +84,20 @@ class Settings(BaseSettings):
     media_dir: str | None = Field(None, description="where uploaded videos are kept (embedded); unset: a temp dir")
     media_bytes: int = Field(8192 * MiB, ge=0, description="bound on kept uploads (LRU)")
     redis_url: str | None = Field(
-        None, validation_alias=AliasChoices("redis_url", "LLAMAVID_REDIS_URL", "REDIS_URL")
+        None, validation_alias=AliasChoices("redis_url", "LLAMAVID_REDIS_URL", "REDIS_URL"),
+        description="the Redis of a split deployment's queues and job state (run it with maxmemory-policy "
+        "noeviction, AOF recommended); also the feature cache unless cache_redis_url is set",
     )
+    cache_redis_url: str | None = Field(
+        None, description="a separate Redis for the feature blobs (run it with maxmemory-policy allkeys-lru); "
+        "unset: redis_url holds them too")
     redis_namespace: str = "llamavid"
     cache_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
     visibility_timeout: float = Field(60.0, gt=0, description="seconds before a dead worker's job is reclaimed")
-    worker_metrics_port: int = 9400
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="port of a worker's /metrics; 0: a free port chosen by the system (logged "
+        "and advertised in the worker's card in Redis), so any number of workers run on one host")
+    worker_metrics_host: str = Field("0.0.0.0", description="address a worker's /metrics listens on")
 
     @field_validator("api_keys", "cors_origins", "allowed_media_hosts", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ about cached videos), each with a consumer group. The rules that keep every job 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -70,11 +71,13 @@ class Capacity:
 
 
 class RedisWorker:
-    def __init__(self, settings: Settings, redis: Redis, runner: ModelRunner, card: ModelCard) -> None:
+    def __init__(self, settings: Settings, redis: Redis, runner: ModelRunner, card: ModelCard, *,
+                 advertised: dict[str, object] | None = None) -> None:
         self.settings = settings
         self.redis = redis
         self.runner = runner
         self.card = card
+        self.advertised = advertised or {}  # beside the model card: where its metrics are, its GPU
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.queue = RedisJobQueue(redis, settings.redis_namespace,
                                    event_ttl=int(settings.request_timeout) + 600)
@@ -104,7 +107,7 @@ class RedisWorker:
         """Advertise this worker and keep its jobs fresh; stop the jobs another worker took over."""
         # Jobs in progress must be refreshed well within the visibility timeout, or live jobs look dead.
         interval = min(HEARTBEAT_SECONDS, self.settings.visibility_timeout / 3)
-        card = encode_card(self.card)
+        card = json.dumps({**json.loads(encode_card(self.card)), "worker_id": self.id, **self.advertised})
         while True:
             try:
                 await self.queue.advertise(self.id, card, ttl=3 * HEARTBEAT_SECONDS)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 
 from cache import MemoryFeatureStore, RedisFeatureStore, TieredFeatureStore
 
-from ..engine.redis.outage import connect
+from ..engine.redis.roles import close_roles, connect_roles, display_url, warn_if_evicting
 from ..engine.redis.storage import RedisMediaStore, RedisVideoRegistry
 from ..metrics import LlamaVidMetrics
 from ..settings import Settings
@@ -22,23 +23,29 @@ from .cache_metrics import CacheMetrics
 from .consumer import RedisWorker
 from .loading import load_model, resolve_device
 from .runner import ModelRunner
+from .startup import StartupError, serve_metrics
 
 log = logging.getLogger(__name__)
 
 
 def run_worker(settings: Settings) -> int:
-    return asyncio.run(_main(settings))
+    try:
+        return asyncio.run(_main(settings))
+    except StartupError as exc:
+        log.error("%s", exc)
+        return exc.code
 
 
 async def _main(settings: Settings) -> int:
     metrics = LlamaVidMetrics()
-    metrics.serve_http(settings.worker_metrics_port)
-    redis = connect(settings.redis_url)
+    endpoint = serve_metrics(metrics, settings)
+    redis, cache_redis = connect_roles(settings)
+    await warn_if_evicting(redis)
     model, card, plan = await asyncio.to_thread(load_model, settings, hot_tier=True)
     device = resolve_device(settings.device)
     on_gpu = settings.hot_tier_on_gpu and device.type == "cuda"  # the plan counted it there
     hot = MemoryFeatureStore(settings.cache_bytes, device=device if on_gpu else None)
-    cold = RedisFeatureStore(redis, namespace=settings.redis_namespace,
+    cold = RedisFeatureStore(cache_redis, namespace=settings.redis_namespace,
                              ttl_seconds=settings.cache_ttl_seconds, fmt=settings.feature_format)
     store = TieredFeatureStore(hot, cold)
     cache_metrics = CacheMetrics(metrics, store)
@@ -52,15 +59,22 @@ async def _main(settings: Settings) -> int:
     )
     await runner.start()
     metrics.set_model_info(card.id, card.dtype, card.device, card.demo is not None)
-    worker = RedisWorker(settings, redis, runner, card)
+    advertised = endpoint.card_fields()
+    if device.type == "cuda":  # the physical GPU (``--device cuda:N`` pinned it), for dashboards
+        advertised["gpu"] = os.environ.get("CUDA_VISIBLE_DEVICES", str(device.index or 0))
+    worker = RedisWorker(settings, redis, runner, card, advertised=advertised)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
-    log.info("worker %s ready: %s on %s; consuming %s", worker.id, card.id, card.device, settings.redis_url)
+    endpoint.ready = True
+    log.info("worker %s ready: %s on %s; consuming %s; features in %s; metrics %s", worker.id, card.id,
+             card.device, display_url(settings.redis_url),
+             display_url(settings.cache_redis_url or settings.redis_url), endpoint.url)
     await worker.run()
+    endpoint.ready = False
     runner.close()
     try:
-        await asyncio.wait_for(redis.aclose(), timeout=2.0)
+        await asyncio.wait_for(close_roles(redis, cache_redis), timeout=2.0)
     except Exception as exc:
         log.warning("closing the Redis connection: %s", exc)
     return 0

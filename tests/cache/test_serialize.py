@@ -154,3 +154,14 @@ def test_foreign_safetensors_blob_is_rejected() -> None:
         decode(safetensors.torch.save({"features": x}))  # no metadata at all
     with pytest.raises(CorruptEntryError):
         decode(safetensors.torch.save({"features": x.float()}, metadata={"schema": "1", "format": "float16"}))
+
+
+def test_fast_crc32_matches_zlib() -> None:
+    """Blobs written with either CRC-32 implementation (ISA-L or zlib) read with the other."""
+    import zlib
+
+    from cache import serialize
+
+    data = bytes(range(256)) * 4099
+    assert serialize._crc32(data) == zlib.crc32(data)
+    assert serialize._crc32(data[1000:], serialize._crc32(data[:1000])) == zlib.crc32(data)

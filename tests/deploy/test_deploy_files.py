@@ -147,14 +147,37 @@ def test_healthchecks(services):
     assert "ping" in services["redis"]["healthcheck"]["test"]
 
 
-def test_redis_is_a_bounded_lru_cache_shared_by_api_and_worker(services):
-    command = services["redis"]["command"]
-    assert command[command.index("--maxmemory") + 1]
-    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
-    assert services["redis"]["image"].split(":")[1].startswith("7")
+def redis_option(service: dict[str, Any], flag: str) -> str:
+    command = service["command"]
+    assert command[0] == "redis-server"
+    return command[command.index(flag) + 1]
+
+
+def test_queue_redis_never_evicts_and_persists(services):
+    queue = services["redis"]
+    assert redis_option(queue, "--maxmemory-policy") == "noeviction"
+    assert redis_option(queue, "--appendonly") == "yes"
+    assert redis_option(queue, "--maxmemory")
+    assert any(str(v).endswith(":/data") for v in queue["volumes"]), "the AOF lives on a volume"
+    assert queue["image"].split(":")[1].startswith("7")
+
+
+def test_cache_redis_is_a_bounded_lru_cache(services):
+    cache = services["redis-cache"]
+    assert redis_option(cache, "--maxmemory-policy") == "allkeys-lru"
+    assert redis_option(cache, "--maxmemory")
+    assert redis_option(cache, "--appendonly") == "no" and redis_option(cache, "--save") == ""
+    assert "ping" in cache["healthcheck"]["test"]
+    assert cache["image"] == services["redis"]["image"]
+
+
+def test_api_and_worker_use_both_redis_roles(services):
     for role in ("api", "worker"):
-        url = services[role]["environment"]["REDIS_URL"]
-        assert re.fullmatch(r"redis://redis:6379/\d+", url), url
+        environment = services[role]["environment"]
+        assert re.fullmatch(r"redis://redis:6379/\d+", environment["REDIS_URL"])
+        assert re.fullmatch(r"redis://redis-cache:6379/\d+", environment["LLAMAVID_CACHE_REDIS_URL"])
+        assert services[role]["depends_on"]["redis-cache"]["condition"] == "service_healthy"
+    assert services["worker"]["environment"]["LLAMAVID_WORKER_METRICS_PORT"] == str(WORKER_METRICS_PORT)
 
 
 def test_api_port_is_published(services):

@@ -23,8 +23,9 @@ from ...settings import Settings
 from ..events import DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
 from ..jobs import QuestionJob, VideoJob
 from ..protocol import EngineUnavailable, EventStream, ModelCard, QueueFull
-from .outage import connect, redis_backend
+from .outage import redis_backend
 from .queue import QUESTIONS, VIDEOS, RedisJobQueue
+from .roles import close_roles, connect_roles, warn_if_evicting
 from .storage import RedisMediaStore, RedisVideoRegistry
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,11 @@ NO_WORKER_GRACE_SECONDS = 3.0  # a live worker re-advertises itself every 2 s at
 
 @redis_backend
 class RedisEngine:
-    def __init__(self, redis: Redis, settings: Settings, metrics: LlamaVidMetrics) -> None:
+    def __init__(self, redis: Redis, settings: Settings, metrics: LlamaVidMetrics, *,
+                 cache_redis: Redis | None = None) -> None:
         ns = settings.redis_namespace
-        self.redis = redis
+        self.redis = redis  # queues, job state, media (roles.py)
+        self.cache_redis = redis if cache_redis is None else cache_redis  # feature blobs
         self.settings = settings
         self.metrics = metrics
         self.queue = RedisJobQueue(redis, ns, event_ttl=int(settings.request_timeout) + 600)
@@ -77,7 +80,7 @@ class RedisEngine:
 
     async def ready(self) -> dict[str, bool]:
         try:
-            cache = bool(await self.redis.ping())
+            cache = bool(await self.redis.ping()) and bool(await self.cache_redis.ping())
         except Exception:
             return {"model": False, "cache": False}
         self._cards = (0.0, [])
@@ -188,10 +191,10 @@ class RedisEngine:
             stream.close()
 
     async def forget_features(self, digest: str) -> None:
-        await delete_video_keys(self.redis, self.settings.redis_namespace, digest)
+        await delete_video_keys(self.cache_redis, self.settings.redis_namespace, digest)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await close_roles(self.redis, self.cache_redis)
 
 
 def _stop_relay(stream: EventStream) -> None:
@@ -202,5 +205,6 @@ def _stop_relay(stream: EventStream) -> None:
 
 
 async def redis_engine_factory(settings: Settings, metrics: LlamaVidMetrics) -> RedisEngine:
-    redis = connect(settings.redis_url)
-    return RedisEngine(redis, settings, metrics)
+    redis, cache_redis = connect_roles(settings)
+    await warn_if_evicting(redis)
+    return RedisEngine(redis, settings, metrics, cache_redis=cache_redis)
