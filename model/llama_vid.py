@@ -253,19 +253,10 @@ class LlamaVid(nn.Module):
         ids = self.tokenizer.encode_with_images(prompt)
         return PreparedPrompt(prompt, ids, self.splice_embeddings(ids, pieces), frame.tokens.shape[0], frame.relevance)
 
-    def prompt_text(
-        self,
-        messages: list[Message],
-        num_frames: int,
-        *,
-        subtitles: Sequence[Sequence[str]] | None = None,
-        template: str | ConversationTemplate = DEFAULT_TEMPLATE,
-        image_turn: str = "last",
-        kind: VisualKind = "video",
-    ) -> str:
-        """The text prompt the LLM receives for ``num_frames`` frames: see ``checkpoint_prompt_text``."""
-        return checkpoint_prompt_text(self.config, self.vision.num_patches, messages, num_frames,
-                                      subtitles=subtitles, template=template, image_turn=image_turn, kind=kind)
+    def prompt_text(self, messages: list[Message], num_frames: int, **options: object) -> str:
+        """The text prompt the LLM receives for ``num_frames`` frames (``options``: subtitles,
+        template, image_turn, kind): see ``checkpoint_prompt_text``."""
+        return checkpoint_prompt_text(self.config, self.vision.num_patches, messages, num_frames, **options)
 
     def num_prompt_tokens(self, messages: list[Message], num_frames: int, **options: object) -> int:
         """The length ``prepare`` would give the prompt (``options`` as for ``prompt_text``), visual

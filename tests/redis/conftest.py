@@ -17,6 +17,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,18 @@ class Deployment:
         from openai import OpenAI
 
         return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, **kwargs)
+
+    def ask_many(self, count: int, max_tokens: int) -> list:
+        """``count`` different text questions at once through the openai client; their completions."""
+        client = self.openai(timeout=120)
+
+        def ask(i: int):
+            return client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": f"Question number {i}: what happens?"}],
+                max_tokens=max_tokens, temperature=0)
+
+        with ThreadPoolExecutor(count) as pool:
+            return list(pool.map(ask, range(count)))
 
     def live_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.alive]

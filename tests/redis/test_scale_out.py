@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -64,16 +63,8 @@ def wait_idle(d: Deployment, timeout: float = 30) -> None:
 
 def test_twenty_concurrent_questions_are_all_answered(deployment: Deployment) -> None:
     d = deployment
-    client = d.openai(timeout=120)
     before = per_worker(d, "llamavid_request_success_total")
-
-    def ask(i: int):
-        return client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Question number {i}: what happens?"}],
-            max_tokens=48, temperature=0)
-
-    with ThreadPoolExecutor(20) as pool:
-        replies = list(pool.map(ask, range(20)))
+    replies = d.ask_many(20, max_tokens=48)
 
     assert len({r.id for r in replies}) == 20
     for reply in replies:

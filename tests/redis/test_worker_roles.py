@@ -14,7 +14,6 @@ import os
 import re
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -68,15 +67,7 @@ def test_two_workers_with_default_settings_both_start_and_serve(redis_available,
         assert len(set(by_pid.values())) == 2, "two workers, two metrics ports"
 
         before = per_worker(d, "llamavid_request_success_total")
-        client = d.openai(timeout=120)
-
-        def ask(i: int):
-            return client.chat.completions.create(
-                model="tiny", messages=[{"role": "user", "content": f"Question {i}: what happens?"}],
-                max_tokens=32, temperature=0)
-
-        with ThreadPoolExecutor(20) as pool:
-            replies = list(pool.map(ask, range(20)))
+        replies = d.ask_many(20, max_tokens=32)
         assert all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
         wait_idle(d)
         served = [a - b for a, b in zip(per_worker(d, "llamavid_request_success_total"), before)]
