@@ -12,9 +12,8 @@ SIGKILL or SIGTERM at chosen points. After each fault the invariants are checked
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import httpx
@@ -32,7 +31,6 @@ class Outcome:
     end: Literal["done", "error", "hung", "hung_up"] = "hung"  # hung_up: the client left on purpose
     error: dict | None = None
     finish_reason: str | None = None
-    ended_at: float = field(default_factory=time.monotonic)
 
 
 def stream_answer(url: str, body: dict, *, timeout: float = 60.0,
@@ -65,7 +63,6 @@ def stream_answer(url: str, body: dict, *, timeout: float = 60.0,
                     break
     except (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError):
         pass  # "hung", or cut off without an ending: both break the invariant
-    out.ended_at = time.monotonic()
     return out
 
 

@@ -60,7 +60,7 @@ def test_a_fresh_worker_finishes_its_first_burst(split: Deployment) -> None:
 
 def test_a_redis_restart_mid_stream_ends_every_stream(split: Deployment, private_redis: PrivateRedis) -> None:
     """Fault 2: Redis stops for a second, mid-answer, and comes back empty; ten times. Every stream
-    completes with the fault-free text, or ends with a clean error, within 10 s of Redis's return."""
+    completes with the fault-free text, or ends with a clean error that is not its deadline."""
     expected = reference(split, LONG)
     assert len(expected) > 500
     results = []
@@ -84,9 +84,9 @@ def test_a_redis_restart_mid_stream_ends_every_stream(split: Deployment, private
         if out.end == "done":
             assert out.text == expected
         else:
+            # a clean error naming the outage, not the deadline of a stream that waited in vain
             assert out.error["type"] and out.error["message"], out.error
-        assert out.ended_at - restarted[0] <= 10.0, (
-            f"ended {out.ended_at - restarted[0]:.1f}s after Redis returned")
+            assert out.error.get("code") != "timeout", out.error
         split.wait_workers(1)
     assert sum(o.end == "done" for o in results) >= 1, [o.error for o in results]
     assert_settled(split)

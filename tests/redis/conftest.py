@@ -239,6 +239,7 @@ class PrivateRedis:
 
     port: int
     log: Path
+    args: tuple[str, ...] = ()  # more redis-server options, e.g. ("--maxmemory-policy", "allkeys-lru")
     proc: subprocess.Popen | None = None
 
     @property
@@ -249,7 +250,7 @@ class PrivateRedis:
         handle = open(self.log, "ab")
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--bind", "127.0.0.1", "--daemonize", "no"],
+             "--bind", "127.0.0.1", "--daemonize", "no", *self.args],
             stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis(port=self.port, socket_connect_timeout=1)
 

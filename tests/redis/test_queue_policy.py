@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import redis
 
 from server.engine.redis.outage import connect
 from server.engine.redis.roles import connect_roles, display_url, warn_if_evicting
@@ -18,30 +18,20 @@ from server.settings import Settings
 from tests.needs import missing
 from tests.serving import free_port
 
-from .conftest import wait_for
+from .conftest import PrivateRedis
 
 
-def start_redis(tmp: Path, *args: str) -> tuple[subprocess.Popen, int]:
+@contextmanager
+def redis_server(tmp: Path, *args: str) -> Iterator[PrivateRedis]:
+    """A private ``redis-server`` started with ``args``, stopped afterwards."""
     if shutil.which("redis-server") is None:
         missing("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", *args], stdout=open(tmp / f"redis-{port}.log", "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    client = redis.Redis(port=port, socket_connect_timeout=1)
-
-    def answers() -> bool:
-        assert proc.poll() is None, (tmp / f"redis-{port}.log").read_text()
-        try:
-            return bool(client.ping())
-        except (redis.RedisError, OSError):
-            return False
-
+    server = PrivateRedis(free_port(), tmp / "redis-server.log", args=args)
+    server.start()
     try:
-        wait_for(answers, 10, f"redis-server on {port}")
+        yield server
     finally:
-        client.close()
-    return proc, port
+        server.stop()
 
 
 def policy_of(port: int) -> str | None:
@@ -56,13 +46,9 @@ def policy_of(port: int) -> str | None:
 
 @pytest.mark.parametrize("policy, warns", [("allkeys-lru", True), ("volatile-ttl", True), ("noeviction", False)])
 def test_an_evicting_queue_redis_is_warned_about(tmp_path, caplog, policy: str, warns: bool) -> None:
-    proc, port = start_redis(tmp_path, "--maxmemory-policy", policy)
-    try:
-        with caplog.at_level(logging.INFO, logger="server.engine.redis.roles"):
-            assert policy_of(port) == policy
-    finally:
-        proc.kill()
-        proc.wait(5)
+    with redis_server(tmp_path, "--maxmemory-policy", policy) as server, \
+            caplog.at_level(logging.INFO, logger="server.engine.redis.roles"):
+        assert policy_of(server.port) == policy
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if warns:
         assert len(warnings) == 1 and f"maxmemory-policy {policy}" in warnings[0], warnings
@@ -72,13 +58,9 @@ def test_an_evicting_queue_redis_is_warned_about(tmp_path, caplog, policy: str, 
 
 
 def test_a_redis_without_config_is_tolerated(tmp_path, caplog) -> None:
-    proc, port = start_redis(tmp_path, "--rename-command", "CONFIG", '""')
-    try:
-        with caplog.at_level(logging.INFO, logger="server.engine.redis.roles"):
-            assert policy_of(port) is None
-    finally:
-        proc.kill()
-        proc.wait(5)
+    with redis_server(tmp_path, "--rename-command", "CONFIG", '""') as server, \
+            caplog.at_level(logging.INFO, logger="server.engine.redis.roles"):
+        assert policy_of(server.port) is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("maxmemory-policy" in r.getMessage() for r in caplog.records)
 
