@@ -99,14 +99,22 @@ class MemoryFeatureStore:
 
     def put_frames_sync(
         self, encoder_id: str, video_digest: str, indices: Sequence[int], features: torch.Tensor
-    ) -> None:
+    ) -> int:
         """Blocking :meth:`put_frames`; copies each frame so eviction frees real memory."""
         check_features(indices, features)
         keys = self._frame_keys(encoder_id, video_digest, indices)
         frames = [self._own(features[t]) for t in range(len(keys))]  # copy outside the lock
         with self._lock:
+            stored = sum(key in self._entries for key in keys)
             for key, frame in zip(keys, frames, strict=True):
                 self._insert(key, frame, frame.nbytes)
+        return stored
+
+    def holds(self, encoder_id: str, video_digest: str, indices: Sequence[int]) -> bool:
+        """Whether every one of these frames is stored (not counted as a lookup, not marked as used)."""
+        keys = self._frame_keys(encoder_id, video_digest, indices)
+        with self._lock:
+            return all(key in self._entries for key in keys)
 
     def adopt_frames(
         self, encoder_id: str, video_digest: str, indices: Sequence[int], frames: Sequence[torch.Tensor]
@@ -141,9 +149,9 @@ class MemoryFeatureStore:
 
     async def put_frames(
         self, encoder_id: str, video_digest: str, indices: Sequence[int], features: torch.Tensor
-    ) -> None:
-        """Store ``features[t]`` as source frame ``indices[t]``."""
-        self.put_frames_sync(encoder_id, video_digest, indices, features)
+    ) -> int:
+        """Store ``features[t]`` as source frame ``indices[t]``; how many were stored already."""
+        return self.put_frames_sync(encoder_id, video_digest, indices, features)
 
     async def get_video(self, manifest: Manifest) -> torch.Tensor | None:
         """[T, N, C] stack of the manifest's frames if all are present, else ``None``."""

@@ -285,10 +285,10 @@ class RedisFeatureStore:
 
     async def put_frames(
         self, encoder_id: str, video_digest: str, indices: Sequence[int], features: torch.Tensor
-    ) -> None:
-        """SET one blob per frame, ``chunk_size`` frames per pipeline round trip.
-
-        Chunks are encoded in a worker thread, the next one while the current one is sent.
+    ) -> int:
+        """SET one blob per frame (NX: a stored frame is kept, and counted), ``chunk_size`` frames
+        per pipeline round trip. Chunks are encoded in a worker thread, the next one while the
+        current one is sent.
         """
         check_features(indices, features)
         keys = self.keys.frames(encoder_id, video_digest, indices)
@@ -304,6 +304,7 @@ class RedisFeatureStore:
             )
 
         encoding = start_encoding(0)
+        stored = 0
         try:
             for start in range(0, len(keys), size):
                 assert encoding is not None
@@ -311,14 +312,16 @@ class RedisFeatureStore:
                 encoding = start_encoding(start + size)
                 pipe = self.client.pipeline(transaction=False)
                 for key, blob in zip(keys[start : start + size], blobs, strict=True):
-                    pipe.set(key, blob, ex=self.ttl_seconds)
+                    pipe.set(key, blob, ex=self.ttl_seconds, nx=True)
                 with _unavailable_on_error("SET pipeline"):
-                    await pipe.execute()
-                self._counts["bytes_written"] += sum(map(len, blobs))
+                    written = await pipe.execute()
+                stored += sum(not ok for ok in written)
+                self._counts["bytes_written"] += sum(len(blob) for blob, ok in zip(blobs, written) if ok)
         finally:
             if encoding is not None:  # an error cut the loop short: let the thread finish
                 with contextlib.suppress(Exception):
                     await encoding
+        return stored
 
     async def get_manifest(self, encoder_id: str, video_digest: str, sampling_id: str) -> Manifest | None:
         """The stored manifest; a malformed one is deleted and read as a miss."""

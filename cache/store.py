@@ -64,8 +64,13 @@ class FeatureStore(Protocol):
 
     async def put_frames(
         self, encoder_id: str, video_digest: str, indices: Sequence[int], features: torch.Tensor
-    ) -> None:
-        """Store ``features[t]`` ([T, N, C]) as the features of source frame ``indices[t]``."""
+    ) -> int:
+        """Store ``features[t]`` ([T, N, C]) as the features of source frame ``indices[t]``.
+
+        Returns how many of the frames were stored already. Keys are content addresses (encoder,
+        video digest, frame), so a stored frame holds the same features: the count is work that was
+        done twice (two workers encoding the same frames), which the service reports.
+        """
         ...
 
     async def get_video(self, manifest: Manifest) -> torch.Tensor | None:

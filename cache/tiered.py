@@ -67,14 +67,16 @@ class TieredFeatureStore:
 
     async def put_frames(
         self, encoder_id: str, video_digest: str, indices: Sequence[int], features: torch.Tensor
-    ) -> None:
-        """Write to the hot tier, then to the cold one (a cold failure is logged, not raised)."""
-        await self.hot.put_frames(encoder_id, video_digest, indices, features)
+    ) -> int:
+        """Write to the hot tier, then to the cold one (a cold failure is logged, not raised).
+        Frames stored already are counted in the cold tier, the one other workers share."""
+        stored = await self.hot.put_frames(encoder_id, video_digest, indices, features)
         try:
-            await self.cold.put_frames(encoder_id, video_digest, indices, features)
+            return await self.cold.put_frames(encoder_id, video_digest, indices, features)
         except CacheUnavailableError as error:
             logger.warning("cold tier write of %d frames failed: %r", len(indices), error)
             self._count(errors=1)
+            return stored
 
     async def get_video(self, manifest: Manifest) -> torch.Tensor | None:
         """[T, N, C] on the hot tier's device if every frame is in some tier, else ``None``."""

@@ -40,6 +40,9 @@ STAGES: Final = ("fetch", "decode", "encode", "transcribe", "tokens", "prefill",
 CACHE_TIERS: Final = ("hot", "cold", "memory")
 QUEUES: Final = ("questions", "videos")
 VIDEO_JOB_STATUSES: Final = ("done", "failed", "cancelled")
+ROUTE_REASONS: Final = ("affine", "owner_busy", "owner_gone", "no_media", "shared")
+QUESTION_SOURCES: Final = ("hot", "cold", "extracted")
+RANGE_KINDS: Final = ("fresh", "resumed")
 
 # Buckets, in seconds. TTFT includes fetching, decoding and encoding the video when its features
 # are not cached, so it reaches minutes for long videos; one decode step is milliseconds.
@@ -111,6 +114,14 @@ class LlamaVidMetrics:
             "llamavid_num_preemptions",
             "Requests preempted to free KV cache blocks (their keys and values wait in host memory).",
             registry=r)
+        self.routes = Counter(
+            "llamavid_route",
+            "Jobs queued, by queue and by where they went: affine (the owner of their video's features), "
+            "owner_busy / owner_gone (the owner's queue was full / it had just died: the shared queue), no_media "
+            "(text only: the shared queue), shared (routing=shared).", ["queue", "reason"], registry=r)
+        for queue in QUEUES:
+            for reason in ROUTE_REASONS:
+                self.routes.labels(queue, reason)
         self.queue_depth = Gauge(
             "llamavid_queue_depth",
             "Jobs waiting in a shared queue, as last seen by this process (aggregate with max).",
@@ -134,6 +145,23 @@ class LlamaVidMetrics:
             "llamavid_frames_decoded", "Video frames decoded and sampled.", registry=r)
         self.frames_encoded = Counter(
             "llamavid_frames_encoded", "Video frames run through the vision encoder.", registry=r)
+        self.frames_recomputed = Counter(
+            "llamavid_frames_recomputed",
+            "Frames encoded whose features the shared cache already held: work done twice (a range taken "
+            "over from a worker that was slow, not dead). 0 when dead workers' ranges are resumed.", registry=r)
+        self.extraction_ranges = Counter(
+            "llamavid_extraction_ranges",
+            "Frame ranges of a video's extraction this worker took: fresh, or resumed from a worker that "
+            "stopped (from its last cached chunk).", ["how"], registry=r)
+        for how in RANGE_KINDS:
+            self.extraction_ranges.labels(how)
+        self.question_sources = Counter(
+            "llamavid_question_features",
+            "Video questions by where their features came from: hot (this worker's memory), cold (the shared "
+            "cache), extracted (made for the question). Per worker, hot / all is the hot-tier hit ratio that "
+            "cache-affine routing raises.", ["source"], registry=r)
+        for source in QUESTION_SOURCES:
+            self.question_sources.labels(source)
         self.subtitles_worked_out = Counter(
             "llamavid_video_subtitles",
             "Videos whose own subtitles were worked out (once per video; later questions read them back), by "
@@ -225,6 +253,15 @@ class LlamaVidMetrics:
 
     def set_cache_bytes(self, tier: str, nbytes: int) -> None:
         self.feature_cache_bytes.labels(tier=_checked(tier, CACHE_TIERS, "cache tier")).set(nbytes)
+
+    def question_features(self, source: str) -> None:
+        self.question_sources.labels(source=_checked(source, QUESTION_SOURCES, "feature source")).inc()
+
+    def extraction_range(self, how: str) -> None:
+        self.extraction_ranges.labels(how=_checked(how, RANGE_KINDS, "range")).inc()
+
+    def routed(self, queue: str, reason: str) -> None:
+        self.routes.labels(queue=_checked(queue, QUEUES, "queue"), reason=_checked(reason, ROUTE_REASONS, "route")).inc()
 
     def set_queue_depth(self, queue: str, depth: int) -> None:
         self.queue_depth.labels(queue=_checked(queue, QUEUES, "queue")).set(depth)

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     video_queue_size: int = Field(16, ge=1, description="video extractions waiting; then 429")
     request_timeout: float = Field(900.0, gt=0, description="seconds from arrival to the last token")
     encode_batch: int = Field(32, ge=1, description="frames decoded and encoded per step")
+    extract_range_frames: int = Field(
+        128, ge=1, description="sampled frames per range when the workers of a split deployment extract one "
+        "video together (an hour at 1 fps: 29 ranges); the embedded server extracts a video as one range")
 
     # -- memory (see `llamavid plan`) ------------------------------------------------------------
     gpu_memory_utilization: float = Field(
@@ -93,7 +96,14 @@ class Settings(BaseSettings):
         "unset: redis_url holds them too")
     redis_namespace: str = "llamavid"
     cache_ttl_seconds: int = Field(7 * 24 * 3600, ge=1)
-    visibility_timeout: float = Field(60.0, gt=0, description="seconds before a dead worker's job is reclaimed")
+    visibility_timeout: float = Field(
+        10.0, gt=0, description="seconds without a heartbeat (every 2 s) before a worker's jobs are reclaimed; a "
+        "slow but live worker keeps its jobs however long they take")
+    routing: Literal["affine", "shared"] = Field(
+        "affine", description="affine: jobs about a video go to the worker that holds its features (rendezvous "
+        "hashing over the live workers); shared: to whichever worker reads the queue first")
+    affinity_queue_depth: int = Field(
+        8, ge=1, description="questions waiting or running on a video's owner before more go to any free worker")
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="port of a worker's /metrics; 0: a free port chosen by the system (logged "
         "and advertised in the worker's card in Redis), so any number of workers run on one host")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,14 +50,16 @@ class Process:
         self.stop(signal.SIGKILL)
 
 
-def spawn(command: str, env: dict[str, str], log: Path, port: int | None = None) -> Process:
+def spawn(command: str, env: dict[str, str], log: Path, port: int | None = None,
+          prefix: Sequence[str] = ()) -> Process:
+    """``llamavid <command>`` in the background; ``prefix`` runs it under another command (``taskset``)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     if port is not None:
         full_env["LLAMAVID_PORT"] = str(port)
         full_env["LLAMAVID_HOST"] = "127.0.0.1"
     handle = open(log, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", command, "--log-level", "info"],
+        [*prefix, sys.executable, "-m", "server.cli", command, "--log-level", "info"],
         cwd=REPO, env=full_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
     )
     return Process(proc, log, f"http://127.0.0.1:{port}" if port else None, full_env)

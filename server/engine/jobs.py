@@ -96,6 +96,7 @@ class VideoJob(_Message):
     video_id: str
     digest: str
     sampling: Sampling
+    helper: bool = False  # take ranges of an extraction another worker owns (one long video, many workers)
     arrival_time: float = Field(default_factory=time.time)
     version: int = JOB_VERSION
 

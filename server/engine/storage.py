@@ -2,18 +2,22 @@
 
 ``MediaStore`` holds the bytes of uploaded or fetched media by content digest, so a worker can
 (re-)extract a video whose features were evicted. ``VideoRegistry`` holds the status records
-that ``/v1/videos`` reports and that questions wait on. This module has the embedded
-implementations (a bounded folder, a dict); ``server.engine.redis.storage`` has the shared ones.
+that ``/v1/videos`` reports and that questions wait on. ``RangeBoard`` hands out the frame ranges
+of one video's extraction to the workers sharing it. This module has the embedded
+implementations (a bounded folder, dicts); ``server.engine.redis.storage`` has the shared ones.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +27,49 @@ from .jobs import Sampling, VideoRecord
 class MediaStore(Protocol):
     async def put(self, digest: str, data: bytes) -> None: ...
     async def get(self, digest: str) -> bytes | None: ...
+    async def copy_to(self, digest: str, path: Path) -> bool: ...  # into a file, never whole in memory
     async def delete(self, digest: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RangeClaim:
+    """Range ``index`` of a board (frames ``[index * size, (index + 1) * size)`` of the sampled
+    frames), now held by the caller; ``resumed``: its previous holder's lease ran out."""
+
+    index: int
+    size: int
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class BoardState:
+    count: int  # ranges on the board (0: no board)
+    done: int  # ranges finished
+    frames: int  # frames cached so far, summed over every holder
+    skipped: list[int]  # sampled frames that could not be decoded, from the finished ranges
+
+    @property
+    def complete(self) -> bool:
+        return self.count > 0 and self.done == self.count
+
+
+class RangeBoard(Protocol):
+    """The ranges of one video's extraction (``board`` names the video, encoder and sampling).
+
+    The extraction's owner ``create``s the board (a board already there is kept: the owner took
+    over from a dead one) and ``delete``s it once the manifest is written. ``claim`` atomically
+    takes a range nobody holds, or, once those are gone, one whose holder stopped renewing its
+    lease (it died: its range is resumed, not restarted, since every chunk it finished is cached);
+    ``None`` when there is nothing to take or no board (a helper that came too late).
+    """
+
+    async def create(self, board: str, count: int, size: int) -> int: ...
+    async def claim(self, board: str, holder: str, lease: float) -> RangeClaim | None: ...
+    async def renew(self, board: str, holder: str, index: int, lease: float) -> bool: ...
+    async def finish(self, board: str, index: int, skipped: list[int]) -> None: ...
+    async def add_frames(self, board: str, frames: int) -> int: ...
+    async def state(self, board: str) -> BoardState: ...
+    async def delete(self, board: str) -> None: ...
 
 
 class VideoRegistry(Protocol):
@@ -34,6 +80,7 @@ class VideoRegistry(Protocol):
     async def find(self, digest: str, sampling: Sampling, subtitles: str | None = None) -> VideoRecord | None: ...
     async def by_digest(self, digest: str) -> list[VideoRecord]: ...
     async def claim(self, video_id: str, stale_after: float) -> bool: ...
+    async def advance(self, video_id: str, frames_done: int) -> None: ...
     def watch(self, video_id: str, timeout: float) -> AsyncIterator[VideoRecord]: ...
 
 
@@ -76,6 +123,16 @@ class DiskMediaStore:
             return data
         except FileNotFoundError:
             return None
+
+    async def copy_to(self, digest: str, path: Path) -> bool:
+        """Copy the media into ``path`` (the kernel copies; False when it is not stored)."""
+        try:
+            await asyncio.to_thread(shutil.copyfile, self._path(digest), path)
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(FileNotFoundError):  # in use: the last to be evicted
+            os.utime(self._path(digest))
+        return True
 
     async def delete(self, digest: str) -> None:
         self._path(digest).unlink(missing_ok=True)
@@ -151,6 +208,14 @@ class MemoryVideoRegistry:
             self._bump()
             return True
 
+    async def advance(self, video_id: str, frames_done: int) -> None:
+        """Progress that only moves forward, whatever order the reports of several workers arrive in."""
+        async with self._changed:
+            record = self._records.get(video_id)
+            if record is not None and frames_done > record.frames_done and record.status == "extracting":
+                record.frames_done, record.updated_at = frames_done, time.time()
+                self._bump()
+
     async def watch(self, video_id: str, timeout: float) -> AsyncIterator[VideoRecord]:
         """Yield the record now and after every change, until it is ready/failed/gone or ``timeout``."""
         deadline = time.monotonic() + timeout
@@ -170,3 +235,62 @@ class MemoryVideoRegistry:
                     await asyncio.wait_for(self._changed.wait_for(lambda: self._version != seen), remaining)
                 except asyncio.TimeoutError:
                     return
+
+
+@dataclass
+class _Board:
+    count: int
+    size: int
+    holders: dict[int, tuple[str, float]] = field(default_factory=dict)  # index: (holder, lease end)
+    done: dict[int, list[int]] = field(default_factory=dict)  # index: its skipped frames
+    frames: int = 0
+
+
+class MemoryRangeBoard:
+    """The boards of one process (an embedded server has one worker: it takes every range)."""
+
+    def __init__(self) -> None:
+        self._boards: dict[str, _Board] = {}
+
+    async def create(self, board: str, count: int, size: int) -> int:
+        """The board's range size (the first creator's)."""
+        return self._boards.setdefault(board, _Board(count, size)).size
+
+    async def claim(self, board: str, holder: str, lease: float) -> RangeClaim | None:
+        b = self._boards.get(board)
+        if b is None:
+            return None
+        now = time.monotonic()
+        free = [i for i in range(b.count) if i not in b.done and i not in b.holders]
+        expired = [i for i in range(b.count) if i not in b.done and i in b.holders and b.holders[i][1] < now]
+        for index, resumed in [(i, False) for i in free[:1]] + [(i, True) for i in expired[:1]]:
+            b.holders[index] = (holder, now + lease)
+            return RangeClaim(index, b.size, resumed)
+        return None
+
+    async def renew(self, board: str, holder: str, index: int, lease: float) -> bool:
+        b = self._boards.get(board)
+        if b is None or b.holders.get(index, ("",))[0] != holder:
+            return False
+        b.holders[index] = (holder, time.monotonic() + lease)
+        return True
+
+    async def finish(self, board: str, index: int, skipped: list[int]) -> None:
+        if (b := self._boards.get(board)) is not None:
+            b.done[index] = list(skipped)
+
+    async def add_frames(self, board: str, frames: int) -> int:
+        b = self._boards.get(board)
+        if b is None:
+            return 0
+        b.frames += frames
+        return b.frames
+
+    async def state(self, board: str) -> BoardState:
+        b = self._boards.get(board)
+        if b is None:
+            return BoardState(0, 0, 0, [])
+        return BoardState(b.count, len(b.done), b.frames, sorted(i for s in b.done.values() for i in s))
+
+    async def delete(self, board: str) -> None:
+        self._boards.pop(board, None)

@@ -51,6 +51,9 @@ class LocalEngine:
     async def model_card(self) -> ModelCard:
         return self.card
 
+    async def workers(self) -> list[dict]:
+        return []  # the model runs in this process: its metrics are the API's
+
     async def ready(self) -> dict[str, bool]:
         return {"model": True, "cache": await self.runner.store.ping()}
 

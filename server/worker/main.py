@@ -15,12 +15,13 @@ import signal
 
 from cache import MemoryFeatureStore, RedisFeatureStore, TieredFeatureStore
 
+from ..engine.redis.queue import RedisJobQueue
 from ..engine.redis.roles import close_roles, connect_roles, display_url, warn_if_evicting
-from ..engine.redis.storage import RedisMediaStore, RedisVideoRegistry
+from ..engine.redis.storage import RedisMediaStore, RedisRangeBoard, RedisVideoRegistry
 from ..metrics import LlamaVidMetrics
 from ..settings import Settings
 from .cache_metrics import CacheMetrics
-from .consumer import RedisWorker
+from .consumer import HelpRequests, RedisWorker
 from .loading import load_model, resolve_device
 from .runner import ModelRunner
 from .startup import StartupError, serve_metrics
@@ -54,6 +55,9 @@ async def _main(settings: Settings) -> int:
         RedisVideoRegistry(redis, settings.redis_namespace, settings.cache_ttl_seconds), metrics,
         num_blocks=plan.num_blocks, block_size=plan.block_size, prefill_chunk=settings.prefill_chunk,
         max_running=settings.max_running, encode_batch=settings.encode_batch, template=settings.template,
+        range_frames=settings.extract_range_frames,
+        boards=RedisRangeBoard(redis, settings.redis_namespace, settings.cache_ttl_seconds),
+        ask_help=HelpRequests(RedisJobQueue(redis, settings.redis_namespace), settings),
         stall_timeout=settings.visibility_timeout, on_cache_access=cache_metrics.sync,
         asr_model=settings.asr_model,
     )

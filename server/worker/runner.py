@@ -31,10 +31,10 @@ from model.subtitles import frame_texts
 from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, Moment, RelevanceEvent
 from ..engine.jobs import JOB_VERSION, QuestionJob, VideoJob
 from ..engine.protocol import EngineUnavailable
-from ..engine.storage import MediaStore, VideoRegistry
+from ..engine.storage import MediaStore, MemoryRangeBoard, RangeBoard, VideoRegistry
 from ..metrics import LlamaVidMetrics, LlamaVidRequestMetrics
 from .decoding import DecodeFailure, Scheduler
-from .features import Emit, FeatureSource, JobError
+from .features import AskHelp, Emit, FeatureSource, JobError
 from .model_thread import ModelThread
 from .subtitles import NO_SUBTITLES, Subtitles, SubtitleSource
 
@@ -58,7 +58,10 @@ class ModelRunner:
         prefill_chunk: int = 2048,
         max_running: int = 8,
         encode_batch: int = 32,
-        stall_timeout: float = 60.0,
+        range_frames: int = 128,
+        boards: RangeBoard | None = None,
+        ask_help: AskHelp | None = None,
+        stall_timeout: float = 10.0,
         template: str = "vicuna_v1",
         on_cache_access: Callable[[], None] | None = None,
         asr_model: str | None = None,
@@ -69,8 +72,9 @@ class ModelRunner:
         self.template = template
         self.thread = ModelThread()
         self.features = FeatureSource(model, store, media, registry, metrics, self.thread,
-                                      encode_batch=encode_batch, stall_timeout=stall_timeout,
-                                      on_cache_access=on_cache_access or (lambda: None))
+                                      boards=boards or MemoryRangeBoard(), encode_batch=encode_batch,
+                                      range_frames=range_frames, stall_timeout=stall_timeout,
+                                      on_cache_access=on_cache_access or (lambda: None), ask_help=ask_help)
         self.subtitles = SubtitleSource(media, metrics, asr_model=asr_model, asr_device=str(model.device))
         self.scheduler = Scheduler(model, self.thread, metrics, num_blocks=num_blocks, block_size=block_size,
                                    prefill_chunk=prefill_chunk, max_running=max_running)

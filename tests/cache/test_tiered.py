@@ -116,3 +116,22 @@ async def test_gpu_hot_tier_returns_device_tensors(redis_store: RedisFeatureStor
     await redis_store.put_frames(ENCODER, DIGEST, [0, 1, 2], x)
     video = await tiered.get_video(manifest_for(DIGEST, [0, 1, 2]))
     assert video.device.type == "cuda" and torch.equal(video.cpu(), x)
+
+
+async def test_a_frame_stored_twice_is_counted_and_kept(redis_store: RedisFeatureStore) -> None:
+    """Keys are content addresses: a second put of the same frames is work done twice, which the
+    store reports (the service's recomputed-frames metric), and writes no bytes to Redis again."""
+    other = TieredFeatureStore(MemoryFeatureStore(64 * FRAME_BYTES), redis_store)  # another worker's
+    mine = TieredFeatureStore(MemoryFeatureStore(64 * FRAME_BYTES), redis_store)
+    x = features(4)
+    assert await other.put_frames(ENCODER, DIGEST, [0, 1], x[:2]) == 0
+    written = redis_store.stats().bytes_written
+    assert await mine.put_frames(ENCODER, DIGEST, [0, 1, 2, 3], x) == 2  # counted in the shared tier
+    assert redis_store.stats().bytes_written == written + written  # only frames 2 and 3 were sent
+    assert not mine.hot.holds(ENCODER, DIGEST, [4]) and mine.hot.holds(ENCODER, DIGEST, [0, 1, 2, 3])
+    hot_queries = mine.hot.stats().queries
+    assert torch.equal(torch.stack(await mine.get_frames(ENCODER, DIGEST, [0, 1, 2, 3])), x)
+    assert mine.hot.stats().queries == hot_queries + 4  # holds() is not a lookup
+    memory = MemoryFeatureStore(64 * FRAME_BYTES)
+    assert await memory.put_frames(ENCODER, DIGEST, [0, 1], x[:2]) == 0
+    assert await memory.put_frames(ENCODER, DIGEST, [1, 2], x[1:3]) == 1

@@ -71,9 +71,9 @@ def assert_settled(d: Deployment, timeout: float = 30.0) -> None:
     def idle() -> bool:
         gauges = sum(d.total(name)
                      for name in ("llamavid_num_requests_running", "llamavid_num_requests_waiting"))
-        pending = [d.redis.xpending(d.key("jobs", queue), "workers")["pending"]
-                   for queue in ("questions", "videos")
-                   if d.redis.exists(d.key("jobs", queue))]
+        pending = [d.redis.xpending(stream, "workers")["pending"]
+                   for queue in ("questions", "videos") for stream in d.job_streams(queue)
+                   if d.redis.exists(stream)]
         return gauges == 0 and not any(pending)
     wait_for(idle, timeout, "the workers to go idle and no job to stay pending")
 

@@ -92,20 +92,14 @@ def test_a_redis_restart_mid_stream_ends_every_stream(split: Deployment, private
     assert_settled(split)
 
 
-def _extracting_worker(d: Deployment) -> int:
-    """The pid of the worker whose consumer holds the pending video job."""
-    [entry] = d.redis.xpending_range(d.key("jobs", "videos"), "workers", "-", "+", 1)
-    consumer = entry["consumer"].decode()
-    return next(w.pid for w in d.workers if consumer.split("-")[-2] == str(w.pid))
-
-
 def test_a_worker_killed_mid_extraction_is_taken_over_without_recomputing(
         redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path,
         make_video) -> None:
-    """Fault 3: the extracting worker is SIGKILLed at 40 %. The other worker reclaims the job with no
-    question asked, and encodes only the frames the first one had not cached."""
+    """Fault 3: two workers extract one video together, range by range; the one that owns the
+    extraction is SIGKILLed at 40 %. The survivor reclaims the job with no question asked, resumes
+    the dead worker's range from its last cached chunk, and encodes no frame twice."""
     d = start_deployment(tmp_path, tiny_checkpoint, workers=2, redis_url=private_redis.url,
-                         visibility_timeout=2, encode_batch=2, max_frames=400)
+                         visibility_timeout=2, encode_batch=2, max_frames=400, extract_range_frames=50)
     try:
         video = make_video(seconds=40, fps=10)
         upload = httpx.post(d.url + "/v1/videos", files={"file": ("v.mp4", video, "video/mp4")},
@@ -119,17 +113,60 @@ def test_a_worker_killed_mid_extraction_is_taken_over_without_recomputing(
 
         wait_for(lambda: progress()["frames_done"] >= 0.4 * total, 60, "40 % of the extraction",
                  interval=0.01)
-        victim = _extracting_worker(d)
-        killed = next(w for w in d.workers if w.pid == victim)
-        killed.process.kill()
-        survivor = next(w for w in d.workers if w.pid != victim)
-        cached = len(list(d.redis.scan_iter(match=f"{d.namespace}:v*:f:*", count=1000)))
-        assert 0 < cached < total
-        encoded_before = survivor.metric("llamavid_frames_encoded_total")
+        victim = d.extraction_owner()
+        survivor = next(w for w in d.workers if w is not victim)
+        assert all(w.metric("llamavid_extraction_ranges_total", how="fresh") > 0 for w in d.workers), \
+            "the two workers did not share the extraction"
+        victim.process.kill()
         record = wait_for(lambda: (p := progress())["status"] == "ready" and p, 60, "the survivor to finish")
         assert record["frames_done"] == total
-        assert survivor.metric("llamavid_frames_encoded_total") - encoded_before == total - cached
+        assert len(list(d.redis.scan_iter(match=f"{d.namespace}:v*:f:*", count=1000))) == total
+        assert survivor.metric("llamavid_frames_recomputed_total") == 0
+        assert survivor.metric("llamavid_extraction_ranges_total", how="resumed") >= 1
         assert "reclaimed videos job" in survivor.process.output()
+        assert not list(d.redis.scan_iter(match=d.key("ranges", "*"))), "the range board was left behind"
+        assert_settled(d)
+    finally:
+        d.stop()
+
+
+def test_questions_routed_to_a_worker_that_hangs_are_adopted(
+        redis_available, private_redis: PrivateRedis, tiny_checkpoint: Path, tmp_path: Path,
+        make_video) -> None:
+    """Fault 4: the worker that owns a video hangs (SIGSTOP) just as questions about it are routed
+    to its own stream. Once its advertisement lapses, the other worker adopts the questions (or
+    reclaims the one the hung worker's blocked read had taken) and answers them from the shared
+    cache; every answer is the fault-free one. When the hung worker wakes up, it serves again."""
+    d = start_deployment(tmp_path, tiny_checkpoint, workers=2, redis_url=private_redis.url,
+                         visibility_timeout=2)
+    try:
+        upload = httpx.post(d.url + "/v1/videos", files={"file": ("v.mp4", make_video(seconds=3), "video/mp4")},
+                            timeout=30)
+        vid = upload.json()["id"]
+        wait_for(lambda: httpx.get(f"{d.url}/v1/videos/{vid}").json()["status"] == "ready", 60, "the extraction")
+        owner = next(w for w in d.workers if w.metric("llamavid_frames_decoded_total") > 0)
+        survivor = next(w for w in d.workers if w is not owner)
+        body = {"messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": vid}},
+                                                          {"type": "text", "text": "What happens?"}]}],
+                "max_tokens": 24, "temperature": 0}
+        expected = stream_answer(d.url, body)
+        assert expected.end == "done"
+        routed = d.api_metric("llamavid_route_total", queue="questions", reason="affine")
+        owner.process.proc.send_signal(signal.SIGSTOP)
+        try:
+            with ThreadPoolExecutor(3) as pool:
+                outcomes = list(pool.map(lambda _: stream_answer(d.url, body, timeout=60), range(3)))
+            assert [o.end for o in outcomes] == ["done"] * 3, [o.error for o in outcomes]
+            assert all(o.text == expected.text for o in outcomes)
+            assert d.api_metric("llamavid_route_total", queue="questions", reason="affine") == routed + 3
+            assert survivor.metric("llamavid_request_success_total") == 3
+            assert survivor.metric("llamavid_question_features_total", source="cold") >= 1
+            assert survivor.metric("llamavid_frames_decoded_total") == 0  # read from the cache, never decoded
+            assert "adopted questions job" in survivor.process.output()
+        finally:
+            owner.process.proc.send_signal(signal.SIGCONT)
+        d.wait_workers(2)
+        assert stream_answer(d.url, body).text == expected.text
         assert_settled(d)
     finally:
         d.stop()

@@ -21,7 +21,8 @@ from model.pipeline import (
     plan_video,
 )
 from model.video import DecodedFrames, FrameSampling, VideoDecodeError, VideoFile
-from tests.model.video_media import bar_frame, corrupt_middle, encode_video as encode_clip
+from tests.model.video_media import bar_frame, corrupt_middle
+from tests.model.video_media import encode_video as encode_clip
 from tests.videos import write_video
 
 

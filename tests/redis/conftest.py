@@ -11,6 +11,7 @@ counts as started once every worker has advertised itself in the ``<ns>:workers`
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,15 @@ class Deployment:
     def key(self, *parts: str) -> str:
         return ":".join((self.namespace, *parts))
 
+    def job_streams(self, queue: str) -> list[str]:
+        """The shared stream of ``queue`` ("questions", "videos") and every worker's own."""
+        own = [k.decode() for k in self.redis.scan_iter(match=self.key("jobs", f"{queue}@*"), count=1000)]
+        return [self.key("jobs", queue), *own]
+
+    def queued(self, queue: str) -> int:
+        """Jobs of ``queue`` waiting or running, on any stream."""
+        return sum(self.redis.xlen(stream) for stream in self.job_streams(queue))
+
     def openai(self, **kwargs):
         from openai import OpenAI
 
@@ -138,8 +148,24 @@ class Deployment:
         with ThreadPoolExecutor(count) as pool:
             return list(pool.map(ask, range(count)))
 
+    def extraction_owner(self) -> Worker:
+        """The worker whose consumer holds a video's extraction job (not a helper job)."""
+        for stream in self.job_streams("videos"):
+            for entry in self.redis.xpending_range(stream, "workers", "-", "+", 10):
+                [(_, fields)] = self.redis.xrange(stream, entry["message_id"], entry["message_id"])
+                if not json.loads(fields[b"job"]).get("helper"):
+                    pid = entry["consumer"].decode().split("-")[-2]  # <host>-<pid>-<suffix>
+                    return next(w for w in self.workers if str(w.pid) == pid)
+        raise AssertionError("no worker holds an extraction job")
+
     def live_workers(self) -> list[Worker]:
         return [w for w in self.workers if w.alive]
+
+    def api_metric(self, name: str, **labels: str) -> float:
+        """A metric of the API process (where jobs are routed)."""
+        reply = httpx.get(f"{self.url}/metrics", timeout=5)
+        reply.raise_for_status()
+        return value(parse_metrics(reply.text), name, **labels)
 
     def total(self, name: str, **labels: str) -> float:
         """A metric summed over the live workers."""
@@ -187,10 +213,12 @@ class Deployment:
 
 
 def start_deployment(tmp: Path, checkpoint: Path, *, workers: int = 2, redis_url: str = REDIS_URL,
-                     wait: bool = True, **settings: object) -> Deployment:
+                     wait: bool = True, worker_prefix: Callable[[int], list[str]] | None = None,
+                     **settings: object) -> Deployment:
     """``llamavid api`` + ``workers`` × ``llamavid worker`` on a fresh namespace, all on the CPU.
 
-    ``settings`` become ``LLAMAVID_<NAME>`` for every process. With ``wait``, returns once the
+    ``settings`` become ``LLAMAVID_<NAME>`` for every process; ``worker_prefix(i)`` wraps worker
+    ``i``'s command (e.g. ``taskset -c i``). With ``wait``, returns once the
     API answers and every worker is advertised (``Deployment.wait_started``); without, at once,
     so that several deployments can load at the same time. Kills everything if starting fails.
     """
@@ -206,7 +234,7 @@ def start_deployment(tmp: Path, checkpoint: Path, *, workers: int = 2, redis_url
         for i in range(workers):
             port = free_port()
             process = spawn("worker", {**env, "LLAMAVID_WORKER_METRICS_PORT": str(port)},
-                            tmp / f"worker{i}-{namespace}.log")
+                            tmp / f"worker{i}-{namespace}.log", prefix=worker_prefix(i) if worker_prefix else ())
             deployment.workers.append(Worker(process, port))
     except BaseException:
         deployment.stop()

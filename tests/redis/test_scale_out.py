@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import Deployment, value, wait_for
+from .conftest import Deployment, wait_for
 
 QUESTION = [{"role": "user", "content": "What happens in this clip?"}]
 
@@ -56,7 +56,7 @@ def wait_idle(d: Deployment, timeout: float = 30) -> None:
     """No question running or waiting on any worker, and the question stream drained."""
     def idle() -> bool:
         busy = d.total("llamavid_num_requests_running") + d.total("llamavid_num_requests_waiting")
-        return busy == 0 and d.redis.xlen(d.key("jobs", "questions")) == 0
+        return busy == 0 and d.queued("questions") == 0
 
     wait_for(idle, timeout, "the workers to go idle")
 
@@ -94,7 +94,7 @@ def test_per_request_keys_expire(deployment: Deployment) -> None:
     # And no key of the namespace lives forever, apart from the job streams themselves.
     for key in d.redis.scan_iter(match=d.key("*"), count=1000):
         name = key.decode()
-        if name in (d.key("jobs", "questions"), d.key("jobs", "videos")):
+        if name.startswith(d.key("jobs", "")):  # the shared streams and the workers' own
             continue
         assert d.redis.ttl(key) != -1, f"{name} has no TTL"  # (-2: it expired since the scan, e.g. a lease)
 
@@ -153,52 +153,41 @@ def test_question_while_extracting_streams_progress(deployment: Deployment, make
     assert video_status(d, record["id"])["status"] == "ready"
 
 
-def test_cached_video_is_read_from_the_cache_on_every_worker(deployment: Deployment, make_video) -> None:
+def test_a_videos_jobs_go_to_the_worker_that_holds_its_features(deployment: Deployment, make_video) -> None:
+    """Cache-affine routing: the extraction and every question about the video go to one worker
+    (the video's owner among the live workers), which answers from its hot tier: nothing is read
+    from the shared cache, nothing decoded again."""
     d = deployment
     decoded = lambda: per_worker(d, "llamavid_frames_decoded_total")  # noqa: E731
-    before = decoded()
+    routed = lambda queue: d.api_metric("llamavid_route_total", queue=queue, reason="affine")  # noqa: E731
+    before, videos_routed, questions_routed = decoded(), routed("videos"), routed("questions")
     record = upload(d, make_video(seconds=6, fps=10), fps=4)
     wait_video_ready(d, record["id"])
     extracted = [a - b for a, b in zip(decoded(), before)]
     assert sorted(extracted) == [0, record["frames_total"]], extracted
-    extractor = extracted.index(record["frames_total"])
-    other = 1 - extractor
+    owner = extracted.index(record["frames_total"])
+    assert routed("videos") == videos_routed + 1
 
+    def sources(worker: int) -> dict[str, float]:
+        return {s: d.workers[worker].metric("llamavid_question_features_total", source=s)
+                for s in ("hot", "cold", "extracted")}
+
+    answered = per_worker(d, "llamavid_request_success_total")
+    owner_sources, other_sources = sources(owner), sources(1 - owner)
+    cold_bytes = per_worker(d, "llamavid_feature_cache_bytes_read_total", tier="cold")
     client = d.openai(timeout=60)
-
-    def snapshot() -> dict:
-        samples = [w.metrics() for w in d.workers]
-        return {
-            "decoded": sum(value(s, "llamavid_frames_decoded_total") for s in samples),
-            "decode_stage": sum(value(s, "llamavid_stage_seconds_count", stage="decode") for s in samples),
-            "answered": [value(s, "llamavid_request_success_total") for s in samples],
-            "cold_hits": [value(s, "llamavid_feature_cache_hits_total", tier="cold") for s in samples],
-        }
-
-    def ask() -> None:
-        reply = client.chat.completions.create(model="tiny", messages=video_question(record["id"]),
+    for i in range(4):
+        reply = client.chat.completions.create(model="tiny", messages=video_question(record["id"], f"Question {i}?"),
                                                max_tokens=8, temperature=0)
         assert reply.usage.model_extra["visual_tokens"] == 2 * record["frames_total"]
-        wait_idle(d)
-
-    # Ask until at least three questions were answered and the other worker (whose hot tier
-    # never saw this video) answered one: its first answer must come from the cold tier.
-    first = previous = snapshot()
-    asked, cold_answer = 0, None
-    while asked < 3 or cold_answer is None:
-        assert asked < 15, "every question went to the extracting worker"
-        ask()
-        asked += 1
-        now = snapshot()
-        answered_by = [a - b for a, b in zip(now["answered"], previous["answered"])]
-        assert sorted(answered_by) == [0, 1], answered_by
-        if answered_by[other] and cold_answer is None:
-            cold_answer = now["cold_hits"][other] - previous["cold_hits"][other]
-        assert now["decoded"] == first["decoded"], f"question {asked} about a cached video decoded frames"
-        assert now["decode_stage"] == first["decode_stage"], f"question {asked} went through the decode stage"
-        previous = now
-    assert cold_answer > 0, "the other worker answered without reading the cold tier"
-    assert d.workers[other].metric("llamavid_frames_decoded_total") == before[other]
+    wait_idle(d)
+    served = [a - b for a, b in zip(per_worker(d, "llamavid_request_success_total"), answered)]
+    assert served[owner] == 4 and served[1 - owner] == 0, served
+    assert routed("questions") == questions_routed + 4
+    assert sources(owner) == {**owner_sources, "hot": owner_sources["hot"] + 4}
+    assert sources(1 - owner) == other_sources
+    assert per_worker(d, "llamavid_feature_cache_bytes_read_total", tier="cold") == cold_bytes
+    assert decoded()[owner] - before[owner] == record["frames_total"], "a question decoded frames again"
 
 
 def test_client_disconnect_cancels_the_job(deployment: Deployment) -> None:

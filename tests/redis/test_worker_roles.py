@@ -65,6 +65,11 @@ def test_two_workers_with_default_settings_both_start_and_serve(redis_available,
             for path in ("/metrics", "/ready"):  # /ready: the readiness probe (docker/k8s)
                 assert httpx.get(f"http://127.0.0.1:{worker.metrics_port}{path}", timeout=5).status_code == 200
         assert len(set(by_pid.values())) == 2, "two workers, two metrics ports"
+        # Prometheus finds them through the API (HTTP service discovery), whatever ports they took.
+        targets = httpx.get(d.url + "/metrics/workers", timeout=5).json()
+        assert sorted(t["targets"] for t in targets) == sorted(
+            [[f"{socket.gethostname()}:{port}"] for port in by_pid.values()])
+        assert {t["labels"]["worker_id"] for t in targets} == {c["worker_id"] for c in cards}
 
         before = per_worker(d, "llamavid_request_success_total")
         replies = d.ask_many(20, max_tokens=32)

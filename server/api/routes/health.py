@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
@@ -36,6 +37,22 @@ async def ready(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.exposition(request.headers.get("accept"))
     return Response(body, media_type=content_type)
+
+
+@router.get("/metrics/workers")
+async def worker_targets(engine: Engine) -> list[dict]:
+    """The live workers' metrics endpoints in Prometheus's HTTP service-discovery format
+    (``http_sd_configs: [{url: http://api:8000/metrics/workers}]``): workers take free ports and
+    come and go, and each advertises where its ``/metrics`` is in its card."""
+    targets = []
+    for card in await engine.workers():
+        url = urlsplit(str(card.get("metrics_url", "")))
+        if url.hostname and url.port:
+            labels = {"worker_id": str(card.get("worker_id", "")), "model": str(card.get("id", ""))}
+            if "gpu" in card:
+                labels["gpu"] = str(card["gpu"])
+            targets.append({"targets": [f"{url.hostname}:{url.port}"], "labels": labels})
+    return targets
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])  # health and metrics stay open

@@ -26,6 +26,7 @@ from ..protocol import EngineUnavailable, EventStream, ModelCard, QueueFull
 from .outage import redis_backend
 from .queue import QUESTIONS, VIDEOS, RedisJobQueue
 from .roles import close_roles, connect_roles, warn_if_evicting
+from .routing import RouteReason, owner
 from .storage import RedisMediaStore, RedisVideoRegistry
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class RedisEngine:
         self._last_card = ModelCard(**{k: card[k] for k in ModelCard.__dataclass_fields__ if k in card})
         return self._last_card
 
+    async def workers(self) -> list[dict]:
+        return await self.queue.live_workers()
+
     async def ready(self) -> dict[str, bool]:
         try:
             cache = bool(await self.redis.ping()) and bool(await self.cache_redis.ping())
@@ -89,32 +93,52 @@ class RedisEngine:
     def _dead_after_ms(self) -> int:
         return int(self.settings.visibility_timeout * 1000)
 
+    async def _enqueue(self, queue: str, payload: str, digest: str | None, *, affine_limit: int,
+                       shared_limit: int) -> tuple[str, str] | None:
+        """Put a job on its video owner's stream (``routing.py``), or on the shared one: (stream key,
+        entry id), or None when the shared stream is full too. The choice is counted by reason."""
+        reason: RouteReason = "shared" if self.settings.routing == "shared" else "no_media"
+        if reason != "shared" and digest is not None:
+            target = owner(digest, [w["worker_id"] for w in await self._workers() if "worker_id" in w])
+            reason = "owner_gone"
+            if target is not None:
+                entry, status = await self.queue.enqueue_to_worker(queue, target, payload, affine_limit)
+                if entry is not None:
+                    self.metrics.routed(queue, "affine")
+                    return self.queue.stream(queue, target), entry
+                reason = "owner_busy" if status == "busy" else "owner_gone"
+        entry = await self.queue.enqueue_bounded(queue, payload, shared_limit, self._dead_after_ms())
+        self.metrics.set_queue_depth(queue, await self.queue.depth(self.queue.stream(queue)))
+        if entry is None:
+            return None
+        self.metrics.routed(queue, reason)
+        return self.queue.stream(queue), entry
+
     async def extract(self, job: VideoJob) -> None:
-        limit = self.settings.video_queue_size
-        if await self.queue.enqueue_bounded(VIDEOS, job.model_dump_json(), limit,
-                                            self._dead_after_ms()) is None:
+        # One extraction waiting or running on the owner; past that any idle worker starts it.
+        if await self._enqueue(VIDEOS, job.model_dump_json(), job.digest, affine_limit=1,
+                               shared_limit=self.settings.video_queue_size) is None:
             raise QueueFull("videos", retry_after=10)
-        self.metrics.set_queue_depth("videos", await self.queue.depth(VIDEOS))
 
     async def ask(self, job: QuestionJob) -> EventStream:
         workers = await self._workers_or_wait()
         if not workers:
             raise EngineUnavailable("no GPU worker is running", code="no_worker")
-        limit = self.settings.queue_size + self.settings.max_running * len(workers)
         if job.sampling.seed is None:
             # A reclaimed job is replayed from the start; with the same seed it samples the same text.
             job.sampling.seed = random.randrange(1 << 31)
         await self.queue.renew_lease(job.request_id, LEASE_SECONDS)
-        entry_id = await self.queue.enqueue_bounded(QUESTIONS, job.model_dump_json(), limit,
-                                                    self._dead_after_ms())
-        self.metrics.set_queue_depth("questions", await self.queue.depth(QUESTIONS))
-        if entry_id is None:
+        queued = await self._enqueue(
+            QUESTIONS, job.model_dump_json(), job.media.digest if job.media else None,
+            affine_limit=self.settings.affinity_queue_depth,
+            shared_limit=self.settings.queue_size + self.settings.max_running * len(workers))
+        if queued is None:
             raise QueueFull("questions", retry_after=2)
         stream = EventStream(on_cancel=lambda: _stop_relay(stream))
-        stream.task = asyncio.ensure_future(self._relay(job, entry_id, stream))
+        stream.task = asyncio.ensure_future(self._relay(job, queued, stream))
         return stream
 
-    async def _relay(self, job: QuestionJob, entry_id: str, stream: EventStream) -> None:
+    async def _relay(self, job: QuestionJob, queued: tuple[str, str], stream: EventStream) -> None:
         """Forward the worker's events to the client: each attempt's answer text is rebuilt from the
         deltas' offsets, and only what the client does not have yet is forwarded."""
         last, attempt, sent, replay = "0-0", 0, "", ""
@@ -132,7 +156,7 @@ class RedisEngine:
                         await self.queue.renew_lease(job.request_id, LEASE_SECONDS)
                         renewed = time.monotonic()
                         # A Redis that restarted empty lost the job and its events: nothing will come.
-                        alive = await self.queue.request_alive(QUESTIONS, entry_id, job.request_id)
+                        alive = await self.queue.request_alive(*queued, job.request_id)
                         lost_since = None if alive else (lost_since or time.monotonic())
                         if lost_since is not None and time.monotonic() - lost_since > LOST_AFTER_SECONDS:
                             stream.put(ErrorEvent(status=503, code="backend_restarted", message=(
