@@ -97,8 +97,13 @@ _SKIPS_PER_PACKET = frozenset({"h264", "hevc", "vp9"})
 
 
 def _decoder_threads() -> int:
-    """FFmpeg frame threads: all cores up to 8 (gains flatten beyond, and each thread holds frames)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """FFmpeg frame threads: the cores this process may run on (a worker pinned to its GPU's cores
+    gets no more threads than those cores), up to 8 (gains flatten beyond, each thread holds frames)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 class _PyavDecoder:

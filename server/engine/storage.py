@@ -58,18 +58,41 @@ class RangeBoard(Protocol):
 
     The extraction's owner ``create``s the board (a board already there is kept: the owner took
     over from a dead one) and ``delete``s it once the manifest is written. ``claim`` atomically
-    takes a range nobody holds, or, once those are gone, one whose holder stopped renewing its
-    lease (it died: its range is resumed, not restarted, since every chunk it finished is cached);
+    takes a range nobody holds (``pick_range``: the one after the caller's last, so that its decoder
+    reads on without seeking), or, once those are gone, one whose holder stopped renewing its lease
+    (it died: its range is resumed, not restarted, since every chunk it finished is cached);
     ``None`` when there is nothing to take or no board (a helper that came too late).
     """
 
     async def create(self, board: str, count: int, size: int) -> int: ...
-    async def claim(self, board: str, holder: str, lease: float) -> RangeClaim | None: ...
+    async def claim(self, board: str, holder: str, lease: float, after: int | None = None) -> RangeClaim | None: ...
     async def renew(self, board: str, holder: str, index: int, lease: float) -> bool: ...
     async def finish(self, board: str, index: int, skipped: list[int]) -> None: ...
     async def add_frames(self, board: str, frames: int) -> int: ...
     async def state(self, board: str) -> BoardState: ...
     async def delete(self, board: str) -> None: ...
+
+
+def pick_range(free: set[int], count: int, after: int | None) -> int | None:
+    """Which free range a holder takes: the one after its last (its decoder reads on, no seek),
+    else the middle of the longest run of free ranges (the holder working just before that run
+    keeps its first half), or the run's start when nothing precedes it. ``None``: none is free."""
+    if after is not None and after + 1 in free:
+        return after + 1
+    best_start, best_len, i = -1, 0, 0
+    while i < count:
+        if i in free:
+            j = i
+            while j in free:
+                j += 1
+            if j - i > best_len:
+                best_start, best_len = i, j - i
+            i = j
+        else:
+            i += 1
+    if best_len == 0:
+        return None
+    return best_start if best_start == 0 else best_start + best_len // 2
 
 
 class VideoRegistry(Protocol):
@@ -256,17 +279,20 @@ class MemoryRangeBoard:
         """The board's range size (the first creator's)."""
         return self._boards.setdefault(board, _Board(count, size)).size
 
-    async def claim(self, board: str, holder: str, lease: float) -> RangeClaim | None:
+    async def claim(self, board: str, holder: str, lease: float, after: int | None = None) -> RangeClaim | None:
         b = self._boards.get(board)
         if b is None:
             return None
         now = time.monotonic()
-        free = [i for i in range(b.count) if i not in b.done and i not in b.holders]
+        free = {i for i in range(b.count) if i not in b.done and i not in b.holders}
         expired = [i for i in range(b.count) if i not in b.done and i in b.holders and b.holders[i][1] < now]
-        for index, resumed in [(i, False) for i in free[:1]] + [(i, True) for i in expired[:1]]:
-            b.holders[index] = (holder, now + lease)
-            return RangeClaim(index, b.size, resumed)
-        return None
+        index, resumed = pick_range(free, b.count, after), False
+        if index is None and expired:
+            index, resumed = expired[0], True
+        if index is None:
+            return None
+        b.holders[index] = (holder, now + lease)
+        return RangeClaim(index, b.size, resumed)
 
     async def renew(self, board: str, holder: str, index: int, lease: float) -> bool:
         b = self._boards.get(board)

@@ -98,10 +98,12 @@ class FeatureSource:
 
     async def video(self, ref: MediaRef, emit: Emit | None) -> tuple[Frames, Manifest]:
         """Cached features, or wait for another extraction of the same video, or extract here.
-        ``emit`` None: a video job (its frames are not kept in memory while it runs)."""
+        ``emit`` None: a video job, which wants the features cached, not back (it gets no frames,
+        and its extraction keeps none in memory)."""
         sampling = ref.sampling or Sampling()
         sid = sampling_id(sampling.model_dump())
-        cached = await self._cached(ref.digest, sid, question=emit is not None)
+        question = emit is not None
+        cached = await self._cached(ref.digest, sid, question=question, read=question)
         if cached is not None:
             if ref.video_id:
                 record = await self.registry.get(ref.video_id)
@@ -128,8 +130,9 @@ class FeatureSource:
         finally:
             if relay is not None:
                 relay.cancel()
-        if emit is not None:
-            self.metrics.question_features("extracted")
+        if not question:
+            return (), manifest
+        self.metrics.question_features("extracted")
         if frames is None:  # a video job's extraction, which kept nothing in memory: read the cache
             frames = await self.store.get_frames(manifest.encoder_id, manifest.video_digest, manifest.frame_indices)
             if any(f is None for f in frames):
@@ -180,13 +183,15 @@ class FeatureSource:
                                            error_code=exc.event.code)
             raise exc
 
-    async def _cached(self, digest: str, sid: str, *, question: bool = False) -> tuple[Frames, Manifest] | None:
-        """The cached features of this sampling, if every frame is there; for a question, counted by
-        the tier that held them (``llamavid_question_features_total``)."""
+    async def _cached(self, digest: str, sid: str, *, question: bool = False,
+                      read: bool = True) -> tuple[Frames, Manifest] | None:
+        """The cached features of this sampling, if every frame is there (not ``read``: if its
+        manifest is); for a question, counted by the tier that held them
+        (``llamavid_question_features_total``)."""
         try:
             manifest = await self.store.get_manifest(self.model.encoder_fingerprint, digest, sid)
-            if manifest is None:
-                return None
+            if manifest is None or not read:
+                return None if manifest is None else ((), manifest)
             hot = held_hot(self.store, manifest)
             frames = await self.store.get_frames(manifest.encoder_id, digest, manifest.frame_indices)
             if any(f is None for f in frames):
@@ -210,7 +215,8 @@ class FeatureSource:
             if record is None:
                 return None
             if record.status == "ready":
-                return await self._cached(record.digest, sampling_id(record.sampling.model_dump()))
+                return await self._cached(record.digest, sampling_id(record.sampling.model_dump()),
+                                          read=emit is not None)
             if record.status == "failed":
                 raise JobError(400, record.error_code or "invalid_video",
                                record.error or "the video failed to extract")
@@ -268,8 +274,9 @@ class FeatureSource:
         info = video.info
         board = self._board(digest, sampling)
         # Ranges only pay off where others can help: alone, one range keeps the pipeline full.
-        size = self.range_frames if self.ask_help is not None else max(1, len(indices))
-        await self.boards.create(board, -(-len(indices) // size), size)
+        # Ranges of equal length (the last one short would leave its worker idle at the end).
+        count = max(1, -(-len(indices) // self.range_frames)) if self.ask_help is not None else 1
+        await self.boards.create(board, count, -(-len(indices) // count))
         state = await self.boards.state(board)
         if video_id:
             await self.registry.update(
@@ -283,7 +290,7 @@ class FeatureSource:
         frames: dict[int, torch.Tensor] | None = {} if keep else None
         state = await self._take_ranges(board, video, indices, digest, video_id, frames, wait=True)
         if not state.complete:  # the board is gone: another owner (a takeover) finished, or Redis lost it
-            cached = await self._cached(digest, sampling_id(sampling.model_dump()))
+            cached = await self._cached(digest, sampling_id(sampling.model_dump()), read=keep)
             if cached is None:
                 raise EngineUnavailable("the extraction's range board vanished with the queue backend (Redis); "
                                         "the job is retried", code="backend_restarted")
@@ -345,8 +352,9 @@ class FeatureSource:
                            wait: bool) -> BoardState:
         """Claim and extract ranges until none is left to take; with ``wait`` (the owner), until
         every range is done, taking over the ranges of holders that die meanwhile."""
+        last: int | None = None
         while True:
-            claim = await self.boards.claim(board, self.holder, RANGE_LEASE_SECONDS)
+            claim = await self.boards.claim(board, self.holder, RANGE_LEASE_SECONDS, after=last)
             if claim is None:
                 state = await self.boards.state(board)
                 if not wait or state.complete or state.count == 0:
@@ -360,6 +368,7 @@ class FeatureSource:
             skipped = await self._extract_range(board, claim, part, video, digest, video_id, frames)
             if skipped is not None:
                 await self.boards.finish(board, claim.index, skipped)
+            last = claim.index
 
     async def _extract_range(self, board: str, claim: RangeClaim, part: list[int], video: VideoFile, digest: str,
                              video_id: str | None, frames: dict[int, torch.Tensor] | None) -> list[int] | None:

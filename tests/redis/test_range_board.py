@@ -45,12 +45,26 @@ async def test_each_range_goes_to_one_holder_and_the_board_keeps_its_size(board:
     assert await board.create("b", 3, 50) == 50
     assert await board.create("b", 9, 10) == 50  # a second owner (a takeover) keeps the board
     claims = [await board.claim("b", holder, LEASE) for holder in ("a", "b", "a")]
-    assert claims == [RangeClaim(0, 50, False), RangeClaim(1, 50, False), RangeClaim(2, 50, False)]
+    assert claims == [RangeClaim(0, 50, False), RangeClaim(2, 50, False), RangeClaim(1, 50, False)]
     assert await board.claim("b", "c", LEASE) is None  # all held, none expired
     await board.finish("b", 1, skipped=[57, 58])
     assert await board.add_frames("b", 48) == 48 and await board.add_frames("b", 2) == 50
     state = await board.state("b")
     assert (state.count, state.done, state.frames, state.skipped, state.complete) == (3, 1, 50, [57, 58], False)
+
+
+async def test_each_holder_reads_on_through_its_own_half(board: RangeBoard) -> None:
+    """Two holders taking turns: each continues after its last range (its decoder never seeks
+    back or far), the second starting in the middle of what the first had not taken."""
+    await board.create("b", 10, 12)
+    last: dict[str, int | None] = {"a": None, "b": None}
+    taken: dict[str, list[int]] = {"a": [], "b": []}
+    for holder in "abababababab":
+        claim = await board.claim("b", holder, LEASE, after=last[holder])
+        if claim is not None:
+            taken[holder].append(claim.index)
+            last[holder] = claim.index
+    assert taken == {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7, 8, 9]}
 
 
 async def test_a_slow_live_holder_keeps_its_range_and_a_dead_ones_is_resumed(board: RangeBoard) -> None:

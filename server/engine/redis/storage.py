@@ -55,24 +55,42 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return tonumber(redis.call('HGET', KEYS[1], 'size'))
 """
 
-# A range nobody has held first; else the first whose lease ran out. {index, size, resumed} or {}.
+# ``storage.pick_range`` in Lua: the range after the caller's last one, else the middle of the
+# longest run of ranges nobody took (its start when it starts the video), else the first expired
+# one. ARGV: holder, lease ms, the caller's last range (-1: none). {index, size, resumed} or {}.
 _CLAIM_RANGE = _NOW_MS + """
 local count = tonumber(redis.call('HGET', KEYS[1], 'count'))
 if not count then return {} end
-local expired = -1
+local free, expired = {}, -1
 for i = 0, count - 1 do
   if redis.call('HEXISTS', KEYS[1], 'done:' .. i) == 0 then
     local untl = redis.call('HGET', KEYS[1], 'until:' .. i)
-    if not untl then
-      redis.call('HSET', KEYS[1], 'holder:' .. i, ARGV[1], 'until:' .. i, now + tonumber(ARGV[2]))
-      return {i, tonumber(redis.call('HGET', KEYS[1], 'size')), 0}
-    end
-    if expired < 0 and tonumber(untl) < now then expired = i end
+    if not untl then free[i] = true
+    elseif expired < 0 and tonumber(untl) < now then expired = i end
   end
 end
-if expired < 0 then return {} end
-redis.call('HSET', KEYS[1], 'holder:' .. expired, ARGV[1], 'until:' .. expired, now + tonumber(ARGV[2]))
-return {expired, tonumber(redis.call('HGET', KEYS[1], 'size')), 1}
+local pick, resumed = -1, 0
+local after = tonumber(ARGV[3])
+if after >= 0 and free[after + 1] then pick = after + 1 end
+if pick < 0 then
+  local best_start, best_len, i = -1, 0, 0
+  while i < count do
+    if free[i] then
+      local j = i
+      while free[j] do j = j + 1 end
+      if j - i > best_len then best_start, best_len = i, j - i end
+      i = j
+    else i = i + 1 end
+  end
+  if best_len > 0 then
+    pick = best_start
+    if best_start > 0 then pick = best_start + math.floor(best_len / 2) end
+  end
+end
+if pick < 0 then pick, resumed = expired, 1 end
+if pick < 0 then return {} end
+redis.call('HSET', KEYS[1], 'holder:' .. pick, ARGV[1], 'until:' .. pick, now + tonumber(ARGV[2]))
+return {pick, tonumber(redis.call('HGET', KEYS[1], 'size')), resumed}
 """
 
 # On a board that still exists (a deleted board stays deleted): HSET or HINCRBY.
@@ -99,8 +117,9 @@ class RedisRangeBoard:
     async def create(self, board: str, count: int, size: int) -> int:
         return int(await self.redis.eval(_CREATE_BOARD, 1, self._key(board), count, size, self.ttl))
 
-    async def claim(self, board: str, holder: str, lease: float) -> RangeClaim | None:
-        reply = await self.redis.eval(_CLAIM_RANGE, 1, self._key(board), holder, int(lease * 1000))
+    async def claim(self, board: str, holder: str, lease: float, after: int | None = None) -> RangeClaim | None:
+        reply = await self.redis.eval(_CLAIM_RANGE, 1, self._key(board), holder, int(lease * 1000),
+                                      -1 if after is None else after)
         return RangeClaim(int(reply[0]), int(reply[1]), bool(reply[2])) if reply else None
 
     async def renew(self, board: str, holder: str, index: int, lease: float) -> bool:
