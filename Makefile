@@ -28,3 +28,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/kv_cache.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/fleet.py

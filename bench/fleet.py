@@ -71,8 +71,11 @@ def upload(d: Deployment, path: Path, fps: float | None = None) -> dict:
     return reply.json()
 
 
+_http = httpx.Client(timeout=10)  # one client: a new one per poll costs the CPU the workers measure with
+
+
 def status(d: Deployment, video_id: str) -> dict:
-    return httpx.get(f"{d.url}/v1/videos/{video_id}", timeout=10).json()
+    return _http.get(f"{d.url}/v1/videos/{video_id}").json()
 
 
 def wait_ready(d: Deployment, video_id: str, timeout: float = 600) -> dict:
@@ -82,7 +85,7 @@ def wait_ready(d: Deployment, video_id: str, timeout: float = 600) -> dict:
             raise RuntimeError(f"extraction failed: {record}")
         return record if record["status"] == "ready" else None
 
-    return wait_for(ready, timeout, f"video {video_id}", interval=0.2)
+    return wait_for(ready, timeout, f"video {video_id}", interval=0.25)
 
 
 # -- routing ----------------------------------------------------------------------------------------
@@ -175,7 +178,7 @@ def extraction_run(tmp: Path, checkpoint: Path, redis: PrivateRedis, video: Path
         victim = None
         if kill_at is not None:
             wait_for(lambda: status(d, record["id"])["frames_done"] >= kill_at * record["frames_total"], 600,
-                     "the kill point", interval=0.02)
+                     "the kill point", interval=0.1)
             victim = d.extraction_owner()
             victim.process.kill()
         final = wait_ready(d, record["id"])

@@ -362,9 +362,11 @@ class FeatureSource:
                 await asyncio.sleep(RANGE_POLL_SECONDS)
                 continue
             self.metrics.extraction_range("resumed" if claim.resumed else "fresh")
+            part = indices[claim.index * claim.size : (claim.index + 1) * claim.size]
             if claim.resumed:
                 log.warning("video %s: resuming range %d, whose worker stopped", video_id or digest, claim.index)
-            part = indices[claim.index * claim.size : (claim.index + 1) * claim.size]
+            else:
+                log.info("video %s: range %d (%d frames)", video_id or digest, claim.index, len(part))
             skipped = await self._extract_range(board, claim, part, video, digest, video_id, frames)
             if skipped is not None:
                 await self.boards.finish(board, claim.index, skipped)
