@@ -4,6 +4,7 @@ processes are exercised in test_scale_out.py and tests/faults."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -22,7 +23,7 @@ from server.settings import Settings
 
 from .conftest import REDIS_URL, require_redis
 
-DIGESTS = [uuid.uuid4().hex for _ in range(3000)]
+DIGESTS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3000)]  # fixed, like content digests
 
 
 def test_owners_spread_evenly_and_move_only_to_a_new_worker() -> None:
