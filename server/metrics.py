@@ -43,6 +43,7 @@ VIDEO_JOB_STATUSES: Final = ("done", "failed", "cancelled")
 ROUTE_REASONS: Final = ("affine", "owner_busy", "owner_gone", "no_media", "shared")
 QUESTION_SOURCES: Final = ("hot", "cold", "extracted")
 RANGE_KINDS: Final = ("fresh", "resumed")
+SUBTITLE_SOURCES: Final = ("container", "asr", "none")
 
 # Buckets, in seconds. TTFT includes fetching, decoding and encoding the video when its features
 # are not cached, so it reaches minutes for long videos; one decode step is milliseconds.
@@ -119,9 +120,6 @@ class LlamaVidMetrics:
             "Jobs queued, by queue and by where they went: affine (the owner of their video's features), "
             "owner_busy / owner_gone (the owner's queue was full / it had just died: the shared queue), no_media "
             "(text only: the shared queue), shared (routing=shared).", ["queue", "reason"], registry=r)
-        for queue in QUEUES:
-            for reason in ROUTE_REASONS:
-                self.routes.labels(queue, reason)
         self.queue_depth = Gauge(
             "llamavid_queue_depth",
             "Jobs waiting in a shared queue, as last seen by this process (aggregate with max).",
@@ -153,22 +151,16 @@ class LlamaVidMetrics:
             "llamavid_extraction_ranges",
             "Frame ranges of a video's extraction this worker took: fresh, or resumed from a worker that "
             "stopped (from its last cached chunk).", ["how"], registry=r)
-        for how in RANGE_KINDS:
-            self.extraction_ranges.labels(how)
         self.question_sources = Counter(
             "llamavid_question_features",
             "Video questions by where their features came from: hot (this worker's memory), cold (the shared "
             "cache), extracted (made for the question). Per worker, hot / all is the hot-tier hit ratio that "
             "cache-affine routing raises.", ["source"], registry=r)
-        for source in QUESTION_SOURCES:
-            self.question_sources.labels(source)
         self.subtitles_worked_out = Counter(
             "llamavid_video_subtitles",
             "Videos whose own subtitles were worked out (once per video; later questions read them back), by "
             "where they came from: container (a subtitle track), asr (speech-to-text), none.",
             ["source"], registry=r)
-        for source in ("container", "asr", "none"):
-            self.subtitles_worked_out.labels(source)  # exported at 0 from the start, so rate() works
         self.audio_seconds_transcribed = Counter(
             "llamavid_audio_seconds_transcribed", "Seconds of audio run through speech-to-text.", registry=r)
         self.stage_seconds = Histogram(
@@ -216,8 +208,16 @@ class LlamaVidMetrics:
                 family.labels(tier=tier)
         for queue in QUEUES:
             self.queue_depth.labels(queue=queue)
+            for reason in ROUTE_REASONS:
+                self.routes.labels(queue=queue, reason=reason)
         for status in VIDEO_JOB_STATUSES:
             self.video_jobs.labels(status=status)
+        for source in SUBTITLE_SOURCES:
+            self.subtitles_worked_out.labels(source=source)
+        for source in QUESTION_SOURCES:
+            self.question_sources.labels(source=source)
+        for how in RANGE_KINDS:
+            self.extraction_ranges.labels(how=how)
 
     # Helpers for short call sites.
 

@@ -34,8 +34,8 @@ async def redis_client() -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture
-async def namespace(redis_client: aioredis.Redis) -> AsyncIterator[str]:
+@pytest.fixture(name="namespace")  # a distinct function name, so modules that import it can name locals "namespace"
+async def namespace_fixture(redis_client: aioredis.Redis) -> AsyncIterator[str]:
     """A fresh namespace; every key under it is deleted after the test."""
     name = f"test:{uuid.uuid4().hex}"
     yield name

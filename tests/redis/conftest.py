@@ -27,6 +27,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.cache.conftest import namespace_fixture, redis_client  # noqa: F401 (a real Redis, a namespace)
 from tests.needs import missing
 from tests.serving import Process, free_port, spawn, wait_ready
 from tests.videos import write_video

@@ -5,8 +5,6 @@ by another, and a deleted board stays deleted. Also the record's progress, which
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,29 +13,14 @@ from server.engine.jobs import Sampling, VideoRecord
 from server.engine.redis.storage import RedisRangeBoard, RedisVideoRegistry
 from server.engine.storage import MemoryRangeBoard, MemoryVideoRegistry, RangeBoard, RangeClaim
 
-from .conftest import REDIS_URL, require_redis
-
 LEASE = 1.0  # seconds; renewed every LEASE / 3 by a live holder (margin for a loaded CI machine)
 
 
-@pytest.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    namespace = f"test-board-{uuid.uuid4().hex}"
-    client.test_namespace = namespace  # type: ignore[attr-defined]
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{namespace}:*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
 @pytest.fixture(params=["redis", "memory"])
-def board(request, redis: aioredis.Redis) -> RangeBoard:
+def board(request, redis_client: aioredis.Redis, namespace: str) -> RangeBoard:
     if request.param == "memory":
         return MemoryRangeBoard()
-    return RedisRangeBoard(redis, redis.test_namespace, ttl=600)
+    return RedisRangeBoard(redis_client, namespace, ttl=600)
 
 
 async def test_each_range_goes_to_one_holder_and_the_board_keeps_its_size(board: RangeBoard) -> None:
@@ -97,8 +80,9 @@ async def test_a_deleted_board_stays_deleted(board: RangeBoard) -> None:
 
 
 @pytest.mark.parametrize("kind", ["redis", "memory"])
-async def test_progress_from_several_workers_only_moves_forward(kind: str, redis: aioredis.Redis) -> None:
-    registry = (RedisVideoRegistry(redis, redis.test_namespace, 600) if kind == "redis" else MemoryVideoRegistry())
+async def test_progress_from_several_workers_only_moves_forward(kind: str, redis_client: aioredis.Redis,
+                                                               namespace: str) -> None:
+    registry = RedisVideoRegistry(redis_client, namespace, 600) if kind == "redis" else MemoryVideoRegistry()
     await registry.put(VideoRecord(id="v", digest="d" * 64, sampling=Sampling(), status="extracting"))
     seen = []
     for done in (10, 30, 20, 30, 31):  # reports of two workers, arriving out of order

@@ -8,7 +8,6 @@ import hashlib
 import json
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -20,8 +19,6 @@ from server.engine.redis.queue import QUESTIONS, VIDEOS, RedisJobQueue
 from server.engine.redis.routing import owner
 from server.metrics import LlamaVidMetrics
 from server.settings import Settings
-
-from .conftest import REDIS_URL, require_redis
 
 DIGESTS = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(3000)]  # fixed, like content digests
 
@@ -37,23 +34,6 @@ def test_owners_spread_evenly_and_move_only_to_a_new_worker() -> None:
     assert all(after[d] == "host-4" for d in moved)  # nothing moves between the old workers
     assert 0.15 < len(moved) / len(DIGESTS) < 0.25  # about 1/5 moves to the new one
     assert owner("x", []) is None
-
-
-@pytest.fixture
-async def redis() -> AsyncIterator[aioredis.Redis]:
-    require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-async def namespace(redis: aioredis.Redis) -> AsyncIterator[str]:
-    name = f"test-routing-{uuid.uuid4().hex}"
-    yield name
-    keys = [key async for key in redis.scan_iter(match=f"{name}:*", count=1000)]
-    if keys:
-        await redis.delete(*keys)
 
 
 def engine(redis: aioredis.Redis, namespace: str, **settings: object) -> RedisEngine:
@@ -77,8 +57,8 @@ def routes(e: RedisEngine, queue: str) -> dict[str, float]:
             for reason in ("affine", "owner_busy", "owner_gone", "no_media", "shared")}
 
 
-async def test_a_question_goes_to_its_videos_owner_until_its_queue_is_full(redis, namespace) -> None:
-    e = engine(redis, namespace, affinity_queue_depth=2)
+async def test_a_question_goes_to_its_videos_owner_until_its_queue_is_full(redis_client, namespace) -> None:
+    e = engine(redis_client, namespace, affinity_queue_depth=2)
     queue = e.queue
     for worker in ("w-a", "w-b", "w-c"):
         await advertise(queue, worker)
@@ -87,37 +67,37 @@ async def test_a_question_goes_to_its_videos_owner_until_its_queue_is_full(redis
     placed = [await e._enqueue(QUESTIONS, question(digest).model_dump_json(), digest, affine_limit=2,
                                shared_limit=10) for _ in range(3)]
     assert [stream for stream, _ in placed] == [queue.stream(QUESTIONS, target)] * 2 + [queue.stream(QUESTIONS)]
-    assert await redis.xlen(queue.stream(QUESTIONS, target)) == 2
+    assert await redis_client.xlen(queue.stream(QUESTIONS, target)) == 2
     text = await e._enqueue(QUESTIONS, question(None).model_dump_json(), None, affine_limit=2, shared_limit=10)
     assert text[0] == queue.stream(QUESTIONS)
     assert routes(e, QUESTIONS) == {"affine": 2, "owner_busy": 1, "owner_gone": 0, "no_media": 1, "shared": 0}
     await e.close()
 
 
-async def test_a_video_job_goes_to_the_owner_that_will_answer_its_questions(redis, namespace) -> None:
-    e = engine(redis, namespace)
+async def test_a_video_job_goes_to_the_owner_that_will_answer_its_questions(redis_client, namespace) -> None:
+    e = engine(redis_client, namespace)
     for worker in ("w-a", "w-b"):
         await advertise(e.queue, worker)
     digest = DIGESTS[1]
     await e.extract(VideoJob(video_id="vid-1", digest=digest, sampling=Sampling()))
     await e.extract(VideoJob(video_id="vid-2", digest=digest, sampling=Sampling(fps=2)))  # the owner is busy
     target = owner(digest, ["w-a", "w-b"])
-    assert await redis.xlen(e.queue.stream(VIDEOS, target)) == 1
-    assert await redis.xlen(e.queue.stream(VIDEOS)) == 1
+    assert await redis_client.xlen(e.queue.stream(VIDEOS, target)) == 1
+    assert await redis_client.xlen(e.queue.stream(VIDEOS)) == 1
     assert routes(e, VIDEOS)["affine"] == 1 and routes(e, VIDEOS)["owner_busy"] == 1
     await e.close()
 
 
-async def test_shared_routing_is_the_baseline(redis, namespace) -> None:
-    e = engine(redis, namespace, routing="shared")
+async def test_shared_routing_is_the_baseline(redis_client, namespace) -> None:
+    e = engine(redis_client, namespace, routing="shared")
     await advertise(e.queue, "w-a")
     stream, _ = await e._enqueue(QUESTIONS, "{}", DIGESTS[2], affine_limit=8, shared_limit=8)
     assert stream == e.queue.stream(QUESTIONS) and routes(e, QUESTIONS)["shared"] == 1
     await e.close()
 
 
-async def test_a_full_shared_queue_is_queue_full(redis, namespace) -> None:
-    e = engine(redis, namespace, queue_size=1, max_running=1, affinity_queue_depth=1)
+async def test_a_full_shared_queue_is_queue_full(redis_client, namespace) -> None:
+    e = engine(redis_client, namespace, queue_size=1, max_running=1, affinity_queue_depth=1)
     await advertise(e.queue, "w-a")
     await e.queue.enqueue_to_worker(QUESTIONS, "w-a", "{}", limit=100)
     for _ in range(2):  # the owner's bound (1) is reached; the shared bound is 1 + 1 x 1 workers
@@ -127,8 +107,8 @@ async def test_a_full_shared_queue_is_queue_full(redis, namespace) -> None:
     await e.close()
 
 
-async def test_a_dead_workers_streams_take_no_job_and_go_once_empty(redis, namespace) -> None:
-    queue = RedisJobQueue(redis, namespace)
+async def test_a_dead_workers_streams_take_no_job_and_go_once_empty(redis_client, namespace) -> None:
+    queue = RedisJobQueue(redis_client, namespace)
     await advertise(queue, "w-dead", ttl=30)
     entry, status = await queue.enqueue_to_worker(QUESTIONS, "w-dead", "{}", limit=8)
     assert status == "ok" and entry
@@ -143,8 +123,8 @@ async def test_a_dead_workers_streams_take_no_job_and_go_once_empty(redis, names
     assert (adopted_stream, adopted) == (stream, entry)
     await queue.ack(stream, entry)
     assert await queue.drop_worker_streams("w-dead", (QUESTIONS, VIDEOS))
-    assert not await redis.exists(stream, queue.stream(VIDEOS, "w-dead"))
+    assert not await redis_client.exists(stream, queue.stream(VIDEOS, "w-dead"))
     assert await queue.routed_workers() == ([], [])
     # A read of streams that were just deleted does not bring them back.
     assert await queue.read([stream], "w-other", count=8, block_ms=None, create=False) == []
-    assert not await redis.exists(stream)
+    assert not await redis_client.exists(stream)
