@@ -159,6 +159,11 @@ class LlamaVid(nn.Module):
     def tokens_per_frame(self) -> int:
         return self.config.tokens_per_frame(self.vision.num_patches)
 
+    @property
+    def frame_feature_shape(self) -> tuple[int, int]:
+        """One frame's EVA features: CLS + patches, by the tower's width."""
+        return 1 + self.vision.num_patches, self.config.mm_hidden_size
+
     # -- vision ------------------------------------------------------------------------------
     def preprocess(self, frames, *, pad_to_square: bool = False) -> torch.Tensor:
         return self.processor(frames, pad_to_square=pad_to_square)
@@ -174,7 +179,7 @@ class LlamaVid(nn.Module):
             self.vision(pixel_values=pixels[i : i + batch_size].to(device)).last_hidden_state
             for i in range(0, len(pixels), batch_size)
         ]
-        return torch.cat(out) if out else pixels.new_zeros((0, 1 + self.vision.num_patches, self.config.mm_hidden_size))
+        return torch.cat(out) if out else pixels.new_zeros((0, *self.frame_feature_shape))
 
     # -- visual tokens -----------------------------------------------------------------------
     @torch.inference_mode()

@@ -60,6 +60,17 @@ class JobError(Exception):
         self.event = ErrorEvent(status=status, code=code, message=message)
 
 
+@contextlib.asynccontextmanager
+async def stored_video(media: MediaStore, digest: str) -> AsyncIterator[Path]:
+    """The stored video as a local file, which decoders read (copied a few parts at a time, never
+    whole in memory: an hour of 1080p is gigabytes), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="llamavid-video-") as folder:
+        path = Path(folder) / digest
+        if not await media.copy_to(digest, path):
+            raise JobError(410, "media_gone", "the video's bytes are no longer stored; upload it again")
+        yield path
+
+
 class FeatureSource:
     def __init__(self, model: LlamaVid, store: FeatureStore, media: MediaStore, registry: VideoRegistry,
                  metrics: LlamaVidMetrics, thread: ModelThread, *, boards: RangeBoard, encode_batch: int,
@@ -134,10 +145,7 @@ class FeatureSource:
             return (), manifest
         self.metrics.question_features("extracted")
         if frames is None:  # a video job's extraction, which kept nothing in memory: read the cache
-            frames = await self.store.get_frames(manifest.encoder_id, manifest.video_digest, manifest.frame_indices)
-            if any(f is None for f in frames):
-                raise JobError(503, "features_evicted", "the video's features were evicted from the cache as "
-                               "soon as they were made; the cache is too small for it")
+            frames = await self._gather(ref.digest, manifest.frame_indices, {})
         return frames, manifest
 
     async def image(self, digest: str) -> Frames:
@@ -227,28 +235,25 @@ class FeatureSource:
                            keep: bool) -> tuple[Frames | None, Manifest]:
         # Helpers are asked before this worker fetches and plans the video, which they do too: all
         # are ready to take ranges at about the same time. The upload's probe says how many frames.
-        asked = await self._ask_help_early(digest, sampling, video_id)
+        record = await self.registry.get(video_id) if video_id and self.ask_help is not None else None
+        planned = (record.frames_total or 0) if record else 0
+        asked = await self._ask_for_helpers(digest, sampling, video_id, -(-planned // self.range_frames))
         async with self._opened(digest, sampling) as (video, indices):
             return await self._extract_ranges(video, indices, digest, sampling, video_id, keep=keep,
                                               helpers_asked=asked)
 
-    async def _ask_help_early(self, digest: str, sampling: Sampling, video_id: str | None) -> bool:
-        record = await self.registry.get(video_id) if video_id and self.ask_help is not None else None
-        if record is None or not record.frames_total or record.frames_total <= self.range_frames:
+    async def _ask_for_helpers(self, digest: str, sampling: Sampling, video_id: str | None, ranges: int) -> bool:
+        """Queue a helper job per range beyond this worker's first (split deployment only); whether any."""
+        if self.ask_help is None or ranges <= 1:
             return False
-        assert self.ask_help is not None
         await self.ask_help(VideoJob(video_id=video_id or "", digest=digest, sampling=sampling, helper=True),
-                            -(-record.frames_total // self.range_frames) - 1)
+                            ranges - 1)
         return True
 
     @contextlib.asynccontextmanager
     async def _opened(self, digest: str, sampling: Sampling) -> AsyncIterator[tuple[VideoFile, list[int]]]:
-        """The stored video, copied into a local file (decoders read files; the copy is streamed,
-        never whole in memory), and its sampled frames: every participant plans the same frames."""
-        with tempfile.TemporaryDirectory(prefix="llamavid-video-") as folder:
-            path = Path(folder) / digest
-            if not await self.media.copy_to(digest, path):
-                raise JobError(410, "media_gone", "the video's bytes are no longer stored; upload it again")
+        """The stored video and its sampled frames: every participant plans the same frames."""
+        async with stored_video(self.media, digest) as path:
             plan = FrameSampling(sampling.fps, sampling.max_frames, sampling.start, sampling.end)
             try:
                 video, indices = await self.thread(plan_video, path, plan)
@@ -284,9 +289,8 @@ class FeatureSource:
                 duration=info.duration, source_fps=info.avg_fps, fps=sampling.fps, width=info.width,
                 height=info.height,
             )
-        if state.count - state.done > 1 and self.ask_help is not None and not helpers_asked:
-            helper = VideoJob(video_id=video_id or "", digest=digest, sampling=sampling, helper=True)
-            await self.ask_help(helper, state.count - state.done - 1)
+        if not helpers_asked:  # the upload said nothing of the frames: ask now, knowing them
+            await self._ask_for_helpers(digest, sampling, video_id, state.count - state.done)
         frames: dict[int, torch.Tensor] | None = {} if keep else None
         state = await self._take_ranges(board, video, indices, digest, video_id, frames, wait=True)
         if not state.complete:  # the board is gone: another owner (a takeover) finished, or Redis lost it
@@ -307,7 +311,7 @@ class FeatureSource:
             video_digest=digest, encoder_id=self.model.encoder_fingerprint, sampling=sampling.model_dump(),
             frame_indices=kept, timestamps=video.timestamps(kept), source_fps=info.avg_fps,
             num_source_frames=info.num_frames, duration=info.duration,
-            feature_shape=list((ordered or await self._gather(digest, kept[:1], {}))[0].shape), dtype=_dtype_name(),
+            feature_shape=list(self.model.frame_feature_shape), dtype=_dtype_name(),
         )
         await self.store.put_manifest(manifest)
         await self.boards.delete(board)
@@ -324,7 +328,7 @@ class FeatureSource:
             read = await self.store.get_frames(self.model.encoder_fingerprint, digest, absent)
             if any(f is None for f in read):
                 raise JobError(503, "features_evicted", "part of the video's features were evicted from the "
-                               "cache before its extraction finished; the cache is too small for it")
+                               "cache as soon as they were made; the cache is too small for it")
             frames.update(zip(absent, read))
         return [frames[i] for i in kept]
 

@@ -25,7 +25,7 @@ from ..engine.events import ProgressEvent
 from ..engine.jobs import SubtitleRef
 from ..engine.storage import MediaStore
 from ..metrics import LlamaVidMetrics
-from .features import Emit, JobError
+from .features import Emit, JobError, stored_video
 
 log = logging.getLogger(__name__)
 
@@ -95,25 +95,23 @@ class SubtitleSource:
                 relay.cancel()
 
     async def _work_out(self, key: str, video_digest: str) -> Subtitles:
-        data = await self.media.get(video_digest)
-        if data is None:
-            raise JobError(410, "media_gone", "the video's bytes are no longer stored; upload it again")
-        with self.metrics.stage("transcribe"):
-            try:
-                cues = await asyncio.to_thread(container_subtitles, data)
-            except SubtitleError as exc:  # an unreadable track: say so in the log, carry on without it
-                log.warning("video %s: %s", video_digest[:12], exc)
-                cues = None
-            found = Subtitles(cues, "container") if cues else NO_SUBTITLES
-            if not cues and self.asr_model:
-                transcript = await self._transcribe(key, data)
-                if transcript is not None:  # None: no soundtrack to transcribe
-                    found = Subtitles(transcript, "asr")
+        async with stored_video(self.media, video_digest) as path:
+            with self.metrics.stage("transcribe"):
+                try:
+                    cues = await asyncio.to_thread(container_subtitles, path)
+                except SubtitleError as exc:  # an unreadable track: say so in the log, carry on without it
+                    log.warning("video %s: %s", video_digest[:12], exc)
+                    cues = None
+                found = Subtitles(cues, "container") if cues else NO_SUBTITLES
+                if not cues and self.asr_model:
+                    transcript = await self._transcribe(key, path)
+                    if transcript is not None:  # None: no soundtrack to transcribe
+                        found = Subtitles(transcript, "asr")
         self.metrics.subtitles_worked_out.labels(found.source or "none").inc()
         await self.media.put(key, _dumps(found))
         return found
 
-    async def _transcribe(self, key: str, data: bytes) -> list[Cue] | None:
+    async def _transcribe(self, key: str, path: Path) -> list[Cue] | None:
         loop = asyncio.get_running_loop()
 
         def progress(done: float, total: float) -> None:
@@ -127,7 +125,7 @@ class SubtitleSource:
             if self._whisper is None:
                 self._whisper = Whisper.load(self.asr_model, device=self.asr_device)
             try:
-                return self._whisper.transcribe(data, progress=progress)
+                return self._whisper.transcribe(path, progress=progress)
             except AudioDecodeError as exc:
                 raise JobError(400, "invalid_audio", str(exc)) from exc
 
