@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from starlette.requests import Request
@@ -118,8 +118,11 @@ def build_job(conversation: Conversation, options: SamplingOptions, settings: Se
     )
 
 
+Gone = Callable[[], Awaitable[None]]  # returns when whoever waits for the answer has left
+
+
 async def start(engine: EngineClient, job: QuestionJob,
-                request: Request) -> tuple[AsyncIterator[AnyEvent], EventStream]:
+                gone: Gone) -> tuple[AsyncIterator[AnyEvent], EventStream]:
     """Admit the job and read its first event, so that an immediate failure is still an HTTP status.
 
     The first event can take long (an extraction to wait for, a long prefill, text held back by
@@ -128,7 +131,7 @@ async def start(engine: EngineClient, job: QuestionJob,
     stream = await engine.ask(job)
     events = stream.__aiter__()
     reading = asyncio.ensure_future(anext(events, None))
-    leaving = asyncio.ensure_future(_client_gone(request))
+    leaving = asyncio.ensure_future(gone())
     try:
         await asyncio.wait({reading, leaving}, return_when=asyncio.FIRST_COMPLETED)
         if not reading.done():
@@ -179,16 +182,18 @@ async def _collect(events: AsyncIterator[AnyEvent]) -> Collected:
     return out
 
 
-async def _client_gone(request: Request) -> None:
-    """Return when the ASGI server reports that the client closed the connection."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def client_gone(request: Request) -> Gone:
+    """Returns when the ASGI server reports that the client closed the connection."""
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    return wait
 
 
-async def collect(events: AsyncIterator[AnyEvent], stream: EventStream, request: Request) -> Collected:
+async def collect(events: AsyncIterator[AnyEvent], stream: EventStream, gone: Gone) -> Collected:
     """A whole non-streaming answer; the client's disconnect cancels the stream at once."""
     collecting = asyncio.ensure_future(_collect(events))
-    leaving = asyncio.ensure_future(_client_gone(request))
+    leaving = asyncio.ensure_future(gone())
     try:
         await asyncio.wait({collecting, leaving}, return_when=asyncio.FIRST_COMPLETED)
         if collecting.done():

@@ -21,7 +21,8 @@ from ..deps import Engine, Ingest, ServerSettings, require_card
 from ..errors import APIError
 from ..ingest import VIDEO_ID, question_subtitles
 from ..protocol import AskRequest, FrameOptions, VideoFromURL, VideoObject, usage
-from ..serving import Conversation, build_job, check_context, collect, no_video_fields, normalise_turns, start
+from ..serving import (Conversation, build_job, check_context, client_gone, collect, no_video_fields,
+                       normalise_turns, start)
 from ..sse import ask_events, moments_body, video_usage
 
 router = APIRouter()
@@ -178,11 +179,11 @@ async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest,
         conversation.frames = 1
     job = build_job(conversation, req, settings, max_tokens=req.max_tokens, template=req.template)
     check_context(conversation, card)
-    events, stream = await start(engine, job, request)
+    events, stream = await start(engine, job, client_gone(request))
     base_url = str(request.base_url)
     if req.stream:
         return EventSourceResponse(ask_events(events, stream, conversation.video_id, base_url), ping=15)
-    result = await collect(events, stream, request)
+    result = await collect(events, stream, client_gone(request))
     done = result.done
     relevance = result.relevance
     return {
