@@ -27,5 +27,6 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/cache.py
 	$(BIN)/python bench/kv_cache.py
+	$(BIN)/python bench/structured.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/fleet.py

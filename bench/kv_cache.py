@@ -54,6 +54,14 @@ def resident_bytes(tensors: list[torch.Tensor]) -> int:
     return total
 
 
+def vicuna_width_llama(layers: int) -> LlamaForCausalLM:
+    """A LLaMA as wide as Vicuna-7B with ``layers`` layers, random weights (seed 0), fp32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
@@ -63,12 +71,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kv_cache.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=args.layers,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    llm = LlamaForCausalLM(config).eval()
-    per_token = kv_bytes_per_token(config, torch.float32)
+    llm = vicuna_width_llama(args.layers)
+    per_token = kv_bytes_per_token(llm.config, torch.float32)
     block_size, capacity_positions = 16, 16384
     pool = BlockPool(args.layers, capacity_positions // block_size + 1, block_size, 32, 128, torch.float32,
                      "cpu")

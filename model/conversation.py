@@ -80,17 +80,20 @@ def build_prompt(
     the question being asked. ``"first"`` is the gradio demo's layout. ``image_text`` stands for
     the visual input: ``<image>\\n`` for an image or a short video, the movie framing for a long one.
     """
-    if not messages or messages[-1].role != "user":
-        raise ValueError("the conversation must end with a user message")
     if image_turn not in ("first", "last"):
         raise ValueError(f"image_turn must be 'first' or 'last', not {image_turn!r}")
-    image_at = 0 if image_turn == "first" else len(messages) - 1
+    return _render(template, messages, {0 if image_turn == "first" else len(messages) - 1: image_text})
+
+
+def _render(template: ConversationTemplate, messages: list[Message], before: dict[int, str]) -> str:
+    """The chat with ``before[i]`` in front of message i's text."""
+    if not messages or messages[-1].role != "user":
+        raise ValueError("the conversation must end with a user message")
     turns: list[tuple[str, str | None]] = []
     for i, (expected, message) in enumerate(zip(("user", "assistant") * len(messages), messages)):
         if message.role != expected:
             raise ValueError("messages must alternate user / assistant, starting with user")
-        text = image_text + message.content if i == image_at else message.content
-        turns.append((template.roles[0 if message.role == "user" else 1], text))
+        turns.append((template.roles[0 if message.role == "user" else 1], before.get(i, "") + message.content))
     turns.append((template.roles[1], None))
     return template.render(turns)
 
@@ -162,3 +165,31 @@ def visual_prompt(
     """The chat with the visual input (``None``: text only) in front of one user turn's text."""
     image_text = "" if layout is None else layout.text(every_token=every_token)
     return build_prompt(template, messages, image_text=image_text, image_turn=image_turn)
+
+
+@dataclass(frozen=True)
+class VisualBlock:
+    """One of several videos or images in a conversation (experimental: no released checkpoint was
+    trained on more than one): its frames, a text label naming it ("Video 2:"), and the user turn
+    (an index into the messages) it was sent with."""
+
+    layout: VisualLayout
+    label: str
+    turn: int
+
+
+def blocks_prompt(
+    template: ConversationTemplate,
+    messages: list[Message],
+    blocks: Sequence[VisualBlock],
+    *,
+    every_token: bool = False,
+) -> str:
+    """The chat with each block, after its label, in front of the text of the turn it came with, in
+    the order given. One visual input is ``visual_prompt``'s layout (unlabelled, in the last turn)."""
+    before: dict[int, str] = {}
+    for block in blocks:
+        if not 0 <= block.turn < len(messages) or messages[block.turn].role != "user":
+            raise ValueError(f"{block.label} is placed at message {block.turn}, which is not a user message")
+        before[block.turn] = before.get(block.turn, "") + block.label + " " + block.layout.text(every_token=every_token)
+    return _render(template, messages, before)

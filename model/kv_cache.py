@@ -34,6 +34,8 @@ class BlockPool:
         for tensor in (*self.keys, *self.values):
             tensor[:block_size].zero_()
         self._free = list(range(num_blocks - 1, PADDING_BLOCK, -1))  # a stack: freed blocks are reused first
+        # holders per block: the n choices of one request share their prompt's full blocks
+        self._holders = [0] * num_blocks
 
     @property
     def free_blocks(self) -> int:
@@ -53,10 +55,28 @@ class BlockPool:
         if count > len(self._free):
             raise MemoryError(f"{count} KV blocks asked for, {len(self._free)} free")
         taken, self._free = self._free[len(self._free) - count :], self._free[: len(self._free) - count]
+        for block in taken:
+            self._holders[block] = 1
         return taken
 
+    def share(self, blocks: list[int]) -> list[int]:
+        """One more holder of ``blocks`` (full blocks, never written again): they are freed when the
+        last holder releases them."""
+        for block in blocks:
+            self._holders[block] += 1
+        return list(blocks)
+
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):
+            self._holders[block] -= 1
+            if self._holders[block] == 0:
+                self._free.append(block)
+
+    def copy_block(self, source: int, target: int) -> None:
+        """Every layer's keys and values of block ``source`` into block ``target``."""
+        size = self.block_size
+        for tensor in (*self.keys, *self.values):
+            tensor[target * size : (target + 1) * size] = tensor[source * size : (source + 1) * size]
 
     def positions(self, table: list[int], start: int, stop: int) -> torch.Tensor:
         """Flat storage rows of positions ``start..stop-1`` of a sequence with block table ``table``."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -31,6 +31,9 @@ from .preprocess import ClipPreprocessor
 from .qformer import QFormerTokenizer
 from .tokenizer import IMAGE_TOKEN_INDEX, LlamaTextTokenizer
 from .weights import load_torch_file
+
+if TYPE_CHECKING:
+    from .structured import GrammarCompiler
 
 VisualKind = Literal["video", "image"]
 
@@ -143,6 +146,7 @@ class LlamaVid(nn.Module):
         self.processor = processor
         self.generation_defaults = generation_defaults
         self.encoder_fingerprint = encoder_fingerprint
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def device(self) -> torch.device:
@@ -314,7 +318,8 @@ class LlamaVid(nn.Module):
 
     def tokens(self, prepared: PreparedPrompt, params: GenerationParams) -> Iterator[int]:
         """Token ids of one request decoded on its own (prefill, then one step per ``next``)."""
-        return generate_tokens(self.llm, prepared.inputs_embeds, params, eos_id=self.tokenizer.eos_id)
+        return generate_tokens(self.llm, prepared.inputs_embeds, params, eos_id=self.tokenizer.eos_id,
+                               prompt_ids=prepared.input_ids)
 
     def paged_decoder(self, num_blocks: int, *, block_size: int = 16, prefill_chunk: int = 2048) -> PagedDecoder:
         """A decoder that batches every running request in one forward over a paged KV cache of
@@ -324,7 +329,16 @@ class LlamaVid(nn.Module):
         embed = self.llm.get_input_embeddings().weight  # never quantized: the KV cache's dtype and device
         pool = BlockPool(llama.num_hidden_layers, num_blocks, block_size, llama.num_key_value_heads, head_dim,
                          embed.dtype, embed.device)
-        return PagedDecoder(self.llm, pool, eos_id=self.tokenizer.eos_id, prefill_chunk=prefill_chunk)
+        return PagedDecoder(self.llm, pool, eos_id=self.tokenizer.eos_id, prefill_chunk=prefill_chunk,
+                            grammars=self.grammar_compiler)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles structured-output grammars against this vocabulary (built once, on first use)."""
+        if self._grammars is None:
+            from .structured import GrammarCompiler
+
+            self._grammars = GrammarCompiler(self.tokenizer, self.llm.config.vocab_size, self.tokenizer.eos_id)
+        return self._grammars
 
     def stream(self, prepared: PreparedPrompt, params: GenerationParams) -> Iterator[TextDelta]:
         """Yield text deltas; the last one carries ``finish_reason``. Stop iterating to cancel."""

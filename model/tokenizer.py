@@ -62,5 +62,14 @@ class LlamaTextTokenizer:
         ids = [i for i in ids if i < size and not (skip_special_tokens and i in self._skip)]
         return self.sp.decode(ids)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to a text (SentencePiece's ``▁`` as a space, ``<0x0A>`` as its
+        byte; special tokens as nothing): what OpenAI's ``logprobs`` report per token."""
+        if not 0 <= token_id < self.sp.get_piece_size() or token_id in self._skip:
+            return b""
+        if self.sp.is_byte(token_id):
+            return bytes([int(self.sp.id_to_piece(token_id)[3:-1], 16)])
+        return self.sp.id_to_piece(token_id).replace("\u2581", " ").encode("utf-8")
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._skip

@@ -1,4 +1,4 @@
-"""The ``llamavid`` command line: serve, api, worker, ask, prompt, plan, parity, make-tiny, train-demo, eval-demo, demo-clip.
+"""The ``llamavid`` command line: serve, api, worker, batch, ask, prompt, plan, parity, make-tiny, train-demo, eval-demo, demo-clip.
 
 Each subcommand imports what it needs when it runs, so ``llamavid parity`` works without the
 server extras installed and ``llamavid --help`` is instant.
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 DEMO_COMMANDS = ("train-demo", "eval-demo", "demo-clip")  # parse their own flags (model/demo/cli.py)
-SERVER_COMMANDS = ("serve", "api", "worker")
+SERVER_COMMANDS = ("serve", "api", "worker", "batch")
 SERVER_EXTRA = "pip install 'llamavid-serve[server]'"
 
 
@@ -40,6 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_text, description=help_text + ". Every flag also reads LLAMAVID_<FLAG>.")
         _add_settings_flags(p)
         p.add_argument("--log-level", default="info")
+
+    batch = sub.add_parser(
+        "batch", help="answer a Batch API input file (JSONL of /v1/chat/completions requests) without a server",
+        description="Answer every line of an OpenAI Batch API input file with the model in this process, grouped "
+                    "by video (each decoded and encoded once), as the server's /v1/batches would: OUTPUT gets the "
+                    "answered lines in input order, the errors file the failed ones. A video_url or image_url may "
+                    "also be a local path (relative to INPUT's folder) or a file:// URL. Every flag also reads "
+                    "LLAMAVID_<FLAG>.")
+    batch.add_argument("input", type=Path, help="JSONL: {custom_id, method: POST, url: /v1/chat/completions, body}")
+    batch.add_argument("output", type=Path, help="JSONL of the answers, in input order")
+    batch.add_argument("--errors", type=Path, default=None, metavar="PATH",
+                       help="JSONL of the failed lines (default: OUTPUT's name with .errors before its suffix)")
+    _add_settings_flags(batch)
+    batch.add_argument("--log-level", default="warning")
 
     ask = sub.add_parser("ask", help="answer a question about a video or image, streaming to stdout")
     ask.add_argument("media", help="video or image file")
@@ -107,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "serve": _run_server,
         "api": _run_server,
         "worker": _run_server,
+        "batch": _batch,
         "ask": _ask,
         "prompt": _prompt,
         "plan": _plan,
@@ -158,6 +173,18 @@ def _run_server(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "log_level") and v is not None}
     settings = Settings(**overrides)
     return run(args.command, settings, log_level=args.log_level)
+
+
+def _batch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .offline_batch import errors_path_for, run_batch
+    from .settings import Settings
+
+    skip = ("command", "log_level", "input", "output", "errors")
+    settings = Settings(**{k: v for k, v in vars(args).items() if k not in skip and v is not None})
+    errors = args.errors or errors_path_for(args.output)
+    return asyncio.run(run_batch(settings, args.input, args.output, errors))
 
 
 def _ask(args: argparse.Namespace) -> int:

@@ -45,12 +45,14 @@ def run(command: str, settings: Settings, *, log_level: str = "info") -> int:
 
     from .api.app import create_app
 
+    batch_store = None  # serve: in this process
     if command == "serve":
         from .worker.local import local_engine_factory as factory
     else:
+        from .engine.redis.batches import redis_batch_store as batch_store
         from .engine.redis.client import redis_engine_factory as factory
     from .demo_clips import make_demo_clip  # offered only while the trained demo model is served
 
-    app = create_app(settings, factory, demo_clips=make_demo_clip)
+    app = create_app(settings, factory, demo_clips=make_demo_clip, batch_store=batch_store)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
     return 0

@@ -44,6 +44,8 @@ ROUTE_REASONS: Final = ("affine", "owner_busy", "owner_gone", "no_media", "share
 QUESTION_SOURCES: Final = ("hot", "cold", "extracted")
 RANGE_KINDS: Final = ("fresh", "resumed")
 SUBTITLE_SOURCES: Final = ("container", "asr", "none")
+BATCH_LINE_STATUSES: Final = ("completed", "failed")
+BATCH_STATUSES: Final = ("completed", "failed", "cancelled", "expired")
 
 # Buckets, in seconds. TTFT includes fetching, decoding and encoding the video when its features
 # are not cached, so it reaches minutes for long videos; one decode step is milliseconds.
@@ -135,6 +137,10 @@ class LlamaVidMetrics:
             registry=r)
         self.generation_tokens = Counter(
             "llamavid_generation_tokens", "Tokens generated.", registry=r)
+        self.prefill_positions = Counter(
+            "llamavid_prefill_positions",
+            "Prompt positions run through the LLM (once per request, whatever its n; again after a "
+            "failed prefill is retried by another worker).", registry=r)
         self.request_success = Counter(
             "llamavid_request_success",
             "Finished requests by finish reason (stop, length, abort, error).",
@@ -193,6 +199,15 @@ class LlamaVidMetrics:
             "llamavid_http_requests",
             "HTTP responses by route template (never the raw path) and status code.",
             ["route", "status"], registry=r)
+        self.batch_lines = Counter(
+            "llamavid_batch_lines",
+            "Batch input lines answered by this process, by status: completed (a 200 in the batch's output "
+            "file), failed (an error in its error file).", ["status"], registry=r)
+        self.batches = Counter(
+            "llamavid_batches", "Batches this process finished, by final status (completed, failed, cancelled, "
+            "expired).", ["status"], registry=r)
+        self.batches_running = Gauge(
+            "llamavid_batches_running", "Batches this process is running now (it holds their lease).", registry=r)
         self.model_info = Gauge(
             "llamavid_model_info", "The loaded model; always 1.",
             ["model", "dtype", "device", "demo"], registry=r)
@@ -218,6 +233,10 @@ class LlamaVidMetrics:
             self.question_sources.labels(source=source)
         for how in RANGE_KINDS:
             self.extraction_ranges.labels(how=how)
+        for status in BATCH_LINE_STATUSES:
+            self.batch_lines.labels(status=status)
+        for status in BATCH_STATUSES:
+            self.batches.labels(status=status)
 
     # Helpers for short call sites.
 
@@ -268,6 +287,12 @@ class LlamaVidMetrics:
 
     def video_job_finished(self, status: str) -> None:
         self.video_jobs.labels(status=_checked(status, VIDEO_JOB_STATUSES, "job status")).inc()
+
+    def batch_line(self, status: str) -> None:
+        self.batch_lines.labels(status=_checked(status, BATCH_LINE_STATUSES, "batch line status")).inc()
+
+    def batch_finished(self, status: str) -> None:
+        self.batches.labels(status=_checked(status, BATCH_STATUSES, "batch status")).inc()
 
     def http_request(self, route: str, status: int) -> None:
         """Count one HTTP response; ``route`` is the route template, e.g. ``/v1/videos/{id}``."""

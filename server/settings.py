@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     max_subtitle_bytes: int = Field(8 * MiB, ge=1, description="SRT/WebVTT files, uploaded or fetched")
     max_video_seconds: float = Field(4 * 3600.0, gt=0)
     max_question_chars: int = Field(16_000, ge=1)
+    max_media: int = Field(4, ge=1, description="videos and images one conversation may carry (experimental above "
+                           "1: each gets its own labelled block of frame tokens)")
+    max_total_frames: int = Field(7200, ge=1, description="sampled frames one question may carry over all its "
+                                  "videos (then 400; frames that do not fit the context are thinned anyway)")
     max_messages: int = Field(64, ge=1)
     max_tokens_limit: int = Field(2048, ge=1, description="upper bound on max_tokens per request")
     default_max_tokens: int = Field(512, ge=1)
@@ -58,6 +62,19 @@ class Settings(BaseSettings):
     extract_range_frames: int = Field(
         128, ge=1, description="sampled frames per range when the workers of a split deployment extract one "
         "video together (an hour at 1 fps: 29 ranges); the embedded server extracts a video as one range")
+
+    # -- batch jobs (/v1/files, /v1/batches, `llamavid batch`) --------------------------------------
+    max_batch_file_bytes: int = Field(200 * MiB, ge=1, description="largest JSONL file /v1/files accepts "
+                                      "(OpenAI's limit: 200 MB)")
+    max_batch_lines: int = Field(50_000, ge=1, description="requests per batch input file (OpenAI's limit)")
+    batch_concurrency: int = Field(
+        8, ge=1, description="questions of one batch running at once (grouped by video: a video's first "
+        "question runs alone, so it is decoded and encoded once, then its other questions together)")
+    batch_video_groups: int = Field(2, ge=1, description="videos of one batch worked on at once")
+    batch_lease_seconds: float = Field(
+        30.0, gt=0, description="a batch's runner renews its lease every third of this; a batch whose lease ran "
+        "out (its API process died) is taken over by another API process, which goes on from its last "
+        "finished line")
 
     # -- memory (see `llamavid plan`) ------------------------------------------------------------
     gpu_memory_utilization: float = Field(
@@ -80,6 +97,8 @@ class Settings(BaseSettings):
     fetch_connect_timeout: float = 10.0
     fetch_read_timeout: float = 30.0
     fetch_total_timeout: float = 600.0
+    url_memo_size: int = Field(4096, ge=0, description="media URLs whose digest the API remembers (LRU), as their "
+                               "cache headers allow, so a repeated URL is not downloaded and hashed again; 0: off")
 
     # -- cache and storage ---------------------------------------------------------------------
     cache_bytes: int = Field(4096 * MiB, ge=0, description="in-process feature cache (embedded) / hot tier")

@@ -19,20 +19,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from ..engine.batches import BatchStore, MemoryBatchStore
 from ..engine.protocol import EngineClient
 from ..metrics import LlamaVidMetrics
 from ..settings import Settings
+from .batch import BatchService
 from .deps import require_api_key
 from .errors import install_error_handlers
 from .ingest import MediaIngest
 from .middleware import BodyLimit, BodyLimitFor, HTTPMetrics
-from .routes import chat, demo, health, videos
+from .routes import batches, chat, demo, files, health, videos
 from .thumbnails import ThumbnailCache
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings, LlamaVidMetrics], Awaitable[EngineClient]]
 DemoClips = Callable[[int], tuple[bytes, str, list[dict]]]
+BatchStoreFactory = Callable[[Settings], BatchStore]
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 
 
@@ -51,14 +54,18 @@ def body_limits(settings: Settings) -> BodyLimitFor:
         if scope.get("path") == "/v1/videos" and content_type.startswith(b"multipart/"):
             return (settings.max_video_bytes + form_overhead,
                     f"the video upload limit ({media} plus form fields)")
+        if scope.get("path") == "/v1/files":
+            return (settings.max_batch_file_bytes + form_overhead,
+                    "the batch file limit (LLAMAVID_MAX_BATCH_FILE_BYTES plus form fields)")
         return json_limit, f"the JSON body limit (a base64 data: URL of {media} plus the text limits)"
 
     return limit_for
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory,
-               demo_clips: DemoClips | None = None) -> FastAPI:
-    """``demo_clips(i)``: the i-th demo clip (bytes, file name, questions), for ``POST /v1/demo/clip``."""
+               demo_clips: DemoClips | None = None, batch_store: BatchStoreFactory | None = None) -> FastAPI:
+    """``demo_clips(i)``: the i-th demo clip (bytes, file name, questions), for ``POST /v1/demo/clip``;
+    ``batch_store``: where batches and files are kept (default: in this process)."""
     metrics = LlamaVidMetrics()
 
     @asynccontextmanager
@@ -74,7 +81,10 @@ def create_app(settings: Settings, engine_factory: EngineFactory,
                 app.state.startup_error = f"{type(exc).__name__}: {exc}"
                 return
             app.state.ingest = MediaIngest(settings, engine, metrics)
+            store = batch_store(settings) if batch_store is not None else MemoryBatchStore()
+            app.state.batches = BatchService(store, engine, app.state.ingest, settings, metrics)
             app.state.engine = engine
+            app.state.batches.start()  # and take over the batches whose runner died
 
         task = asyncio.ensure_future(build())
         try:
@@ -82,6 +92,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory,
         finally:
             task.cancel()
             if app.state.engine is not None:
+                await app.state.batches.close()
+                await app.state.batches.store.close()
                 await app.state.engine.close()
 
     app = FastAPI(title="LLaMA-VID", version="0.1.0", lifespan=lifespan,
@@ -97,6 +109,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory,
     app.include_router(chat.router, dependencies=api)
     app.include_router(videos.router, dependencies=api)
     app.include_router(demo.router, dependencies=api)
+    app.include_router(files.router, dependencies=api)
+    app.include_router(batches.router, dependencies=api)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="page")
     if settings.cors_origins:

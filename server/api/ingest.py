@@ -19,6 +19,7 @@ from model.video import FrameSampling, VideoDecodeError, VideoFile, sample_indic
 from ..engine.jobs import MediaRef, Sampling, SubtitleRef, VideoJob, VideoRecord, new_id
 from ..engine.protocol import EngineClient, QueueFull
 from ..fetch import FetchedMedia, MediaPolicy, decode_data_url, fetch_url, read_upload
+from ..fetch.memo import UrlMemo
 from ..metrics import LlamaVidMetrics
 from ..settings import Settings
 from .errors import APIError
@@ -40,6 +41,7 @@ class MediaIngest:
         self.video_policy = MediaPolicy(max_bytes=settings.max_video_bytes, **common)
         self.image_policy = MediaPolicy(max_bytes=settings.max_image_bytes, **common)
         self.subtitle_policy = MediaPolicy(max_bytes=settings.max_subtitle_bytes, **common)
+        self.url_memo = UrlMemo(settings.url_memo_size)
 
     # -- sampling ----------------------------------------------------------------------------------
     def sampling(self, options: FrameOptions | None, base: Sampling | None = None) -> Sampling:
@@ -75,6 +77,31 @@ class MediaIngest:
             if url.startswith("data:"):
                 return decode_data_url(url, policy.max_bytes, kind=kind, field=field)
             return await fetch_url(url, policy, kind=kind, field=field)
+
+    async def fetch_known(self, url: str, kind: str, field: str) -> tuple[str | None, FetchedMedia | None]:
+        """A media URL's digest without downloading it again when the URL memo and the media store
+        allow (fresh, or a 304 to a conditional request): ``(digest, None)``; else the download,
+        ``(digest, fetched)``, remembered as its cache headers allow. A ``data:`` URL is decoded."""
+        if url.startswith("data:"):
+            fetched = await self.fetch(url, kind, field)
+            return digest_bytes(fetched.data), fetched
+        key = f"{kind} {url}"
+        entry = self.url_memo.get(key)
+        if entry is not None and not await self.engine.media.has(entry.digest):
+            self.url_memo.forget(key)  # the bytes are gone: the digest alone is no use
+            entry = None
+        if entry is not None and entry.fresh(self.url_memo.now()):
+            return entry.digest, None
+        policy = {"video": self.video_policy, "image": self.image_policy}[kind]
+        with self.metrics.stage("fetch"):
+            fetched = await fetch_url(url, policy, kind=kind, field=field,
+                                      validators=entry.validators() if entry is not None else None)
+        if fetched.not_modified:
+            self.url_memo.revalidated(key, entry, fetched.cache_headers)
+            return entry.digest, None
+        digest = await asyncio.to_thread(digest_bytes, fetched.data)
+        self.url_memo.remember(key, digest, fetched.cache_headers)
+        return digest, fetched
 
     async def upload(self, file, kind: str = "video", field: str = "file") -> FetchedMedia:
         limit = {"video": self.settings.max_video_bytes, "image": self.settings.max_image_bytes,
@@ -120,14 +147,15 @@ class MediaIngest:
 
     # -- videos ------------------------------------------------------------------------------------
     async def video(self, data: bytes, sampling: Sampling, filename: str | None = None, *,
-                    subtitles: SubtitleRef | None = None) -> VideoRecord:
+                    subtitles: SubtitleRef | None = None, digest: str | None = None) -> VideoRecord:
         """Register a video (or find the same bytes + sampling + subtitles already registered) and
-        queue extraction. Subtitles uploaded with a video stay with its record, for its questions."""
-        digest, info = await asyncio.to_thread(self._probe, data)
+        queue extraction. Subtitles uploaded with a video stay with its record, for its questions.
+        ``digest``: the bytes' digest when the caller has it already (they are not hashed again)."""
+        digest, info = await asyncio.to_thread(self._probe, data, digest)
         return await self._register(digest, info, len(data), sampling, filename, data, video_mime(data),
                                     subtitles=_attached(subtitles))
 
-    def _probe(self, data: bytes):
+    def _probe(self, data: bytes, digest: str | None = None):
         try:
             with VideoFile(data) as video:
                 info = video.info
@@ -136,7 +164,7 @@ class MediaIngest:
         if info.duration > self.settings.max_video_seconds:
             raise APIError(413, f"the video is {info.duration:.0f}s long; this server accepts up to "
                                 f"{self.settings.max_video_seconds:.0f}s", code="video_too_long")
-        return digest_bytes(data), info
+        return digest or digest_bytes(data), info
 
     async def _register(self, digest, info, size, sampling: Sampling, filename, data: bytes | None,
                         content_type: str | None = None, *, subtitles: str | None = None) -> VideoRecord:
@@ -186,22 +214,34 @@ class MediaIngest:
         if VIDEO_ID.match(url):
             return await self.video_by_id(url, options)
         sampling = self.sampling(options)
-        fetched = await self.fetch(url, "video", field)
-        return await self.video(fetched.data, sampling, url.rsplit("/", 1)[-1][:200] if "://" in url else None,
-                                subtitles=subtitles)
+        name = url.rsplit("/", 1)[-1][:200] if "://" in url else None
+        digest, fetched = await self.fetch_known(url, "video", field)
+        if fetched is None:  # the URL's bytes are stored already (URL memo): no download, no hashing
+            existing = await self.engine.registry.find(digest, sampling, _attached(subtitles))
+            if existing is not None:
+                return existing
+            data = await self.engine.media.get(digest)
+            if data is None:  # evicted meanwhile
+                self.url_memo.forget(f"video {url}")
+                return await self.video_from_url(url, options, field, subtitles=subtitles)
+            return await self.video(data, sampling, name, subtitles=subtitles, digest=digest)
+        return await self.video(fetched.data, sampling, name, subtitles=subtitles, digest=digest)
 
     # -- images ------------------------------------------------------------------------------------
-    async def image(self, data: bytes) -> MediaRef:
+    async def image(self, data: bytes, digest: str | None = None) -> MediaRef:
         try:
             await asyncio.to_thread(decode_image, data)
         except ImageDecodeError as exc:
             raise APIError(400, str(exc), code="invalid_image") from exc
-        digest = digest_bytes(data)
+        digest = digest or digest_bytes(data)
         await self.engine.media.put(digest, data)
         return MediaRef(kind="image", digest=digest)
 
     async def image_from_url(self, url: str, field: str) -> MediaRef:
-        return await self.image((await self.fetch(url, "image", field)).data)
+        digest, fetched = await self.fetch_known(url, "image", field)
+        if fetched is None:  # decoded and stored before (URL memo)
+            return MediaRef(kind="image", digest=digest)
+        return await self.image(fetched.data, digest)
 
 
 def _attached(subtitles: SubtitleRef | None) -> str | None:

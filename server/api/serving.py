@@ -18,7 +18,15 @@ from starlette.requests import Request
 
 from model.conversation import get_template
 
-from ..engine.events import AnyEvent, DeltaEvent, DoneEvent, ErrorEvent, ProgressEvent, RelevanceEvent
+from ..engine.events import (
+    AnyEvent,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    ProgressEvent,
+    RelevanceEvent,
+    TokenLogprob,
+)
 from ..engine.jobs import FrameSelection, MediaRef, QuestionJob, SamplingParams, SubtitleRef, Turn, new_id
 from ..engine.protocol import EngineClient, EventStream, ModelCard
 from ..settings import Settings
@@ -30,8 +38,9 @@ from .protocol import SamplingOptions, VideoTextOptions
 class Conversation:
     messages: list[Turn]  # alternating user/assistant, ending with user
     system: str | None = None
-    media: MediaRef | None = None
-    video_id: str | None = None
+    media: list[MediaRef] = field(default_factory=list)  # in the order given (several: experimental)
+    video_id: str | None = None  # the first video's
+    video_ids: list[str | None] = field(default_factory=list)  # per media (None: an image)
     frames: int = 0  # visual inputs the question will carry: sampled frames, 1 for an image
     subtitles: SubtitleRef = field(default_factory=SubtitleRef)
     frame_selection: FrameSelection = "uniform"
@@ -70,7 +79,7 @@ def check_context(conversation: Conversation, card: ModelCard) -> None:
 
     The text is estimated at 4 characters a token, which over-counts English: a question refused
     here would not fit the worker's exact count either."""
-    visual = min(conversation.frames, 1) * card.tokens_per_frame
+    visual = min(conversation.frames, len(conversation.media)) * card.tokens_per_frame
     text = sum(len(m.content) for m in conversation.messages) // 4
     room = min(card.context_length, card.kv_positions)
     if visual + text >= room:
@@ -90,7 +99,9 @@ def no_video_fields(req: VideoTextOptions) -> None:
 
 
 def build_job(conversation: Conversation, options: SamplingOptions, settings: Settings, *,
-              max_tokens: int | None, template: str | None) -> QuestionJob:
+              max_tokens: int | None, template: str | None, answers: dict | None = None) -> QuestionJob:
+    """``answers``: the chat-only fields (``n``, ``logprobs``, ``grammar``) as ``SamplingParams`` takes them."""
+    answers = answers or {}
     max_tokens = max_tokens or min(settings.default_max_tokens, settings.max_tokens_limit)
     if template is not None:
         try:
@@ -107,7 +118,10 @@ def build_job(conversation: Conversation, options: SamplingOptions, settings: Se
         messages=conversation.messages,
         media=conversation.media,
         sampling=SamplingParams(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k,
-                                max_tokens=max_tokens, stop=options.stop_list(), seed=options.seed),
+                                max_tokens=max_tokens, stop=options.stop_list(), seed=options.seed,
+                                presence_penalty=options.presence_penalty,
+                                frequency_penalty=options.frequency_penalty,
+                                repetition_penalty=options.repetition_penalty, **answers),
         template=template,
         system=conversation.system,
         relevance=options.relevance,
@@ -157,28 +171,48 @@ async def _chain(first: AnyEvent | None, rest: AsyncIterator[AnyEvent]) -> Async
 
 
 @dataclass
+class CollectedAnswer:
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass
 class Collected:
-    text: str = ""
+    answers: dict[int, CollectedAnswer] = field(default_factory=dict)  # by index, of the request's n
     done: DoneEvent | None = None
     relevance: RelevanceEvent | None = None
+    relevances: list[RelevanceEvent] = field(default_factory=list)  # one per video (several media)
     progress: list[ProgressEvent] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return self.answers[0].text if 0 in self.answers else ""
 
 
 async def _collect(events: AsyncIterator[AnyEvent]) -> Collected:
-    out, parts = Collected(), []
+    out = Collected()
     async for event in events:
         match event:
-            case DeltaEvent(text=text):
-                parts.append(text)
+            case DeltaEvent():
+                answer = out.answers.setdefault(event.index, CollectedAnswer())
+                answer.parts.append(event.text)
+                if event.logprobs is not None:
+                    answer.logprobs = (answer.logprobs or []) + event.logprobs
+                answer.finish_reason = event.finish_reason or answer.finish_reason
             case RelevanceEvent():
                 out.relevance = event
+                out.relevances.append(event)
             case ProgressEvent():
                 out.progress.append(event)
             case DoneEvent():
                 out.done = event
             case ErrorEvent():
                 raise from_error_event(event)
-    out.text = "".join(parts)
     return out
 
 

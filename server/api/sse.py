@@ -41,8 +41,11 @@ def video_usage(done: DoneEvent) -> dict:
     """What of the video the answer used; empty for an image or text question."""
     if done.frames_total is None:
         return {}
-    return {"frames_used": done.frames_used, "frames_total": done.frames_total,
+    used = {"frames_used": done.frames_used, "frames_total": done.frames_total,
             "subtitles": {"source": done.subtitles, "cues": done.subtitle_cues} if done.subtitles else None}
+    if done.media:  # several media: what each one used (the counts above sum the videos)
+        used["media"] = [m.model_dump() for m in done.media]
+    return used
 
 
 def moments_body(event: RelevanceEvent, video_id: str | None, base_url: str) -> list[dict]:
@@ -57,21 +60,38 @@ def moments_body(event: RelevanceEvent, video_id: str | None, base_url: str) -> 
 
 
 def relevance_body(event: RelevanceEvent, video_id: str | None, base_url: str) -> dict:
+    """Frames and moments; with several media, the event's own video (and its place among the media)."""
+    if event.media_index is not None:
+        return {"media_index": event.media_index, "video_id": event.video_id,
+                "frames": [f.model_dump() for f in event.frames],
+                "moments": moments_body(event, event.video_id, base_url)}
     return {"frames": [f.model_dump() for f in event.frames], "moments": moments_body(event, video_id, base_url)}
 
 
 async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, completion_id: str,
                       created: int, model: str, include_usage: bool, extension: dict,
-                      base_url: str) -> AsyncIterator[dict]:
+                      base_url: str, n: int = 1) -> AsyncIterator[dict]:
+    """Each of the ``n`` answers' deltas as chunks of its ``index``; an answer's finish chunk goes out
+    when it ends, the last one's with the ``llamavid`` usage once the request is done."""
     def chunk(choices: list, **extra: Any) -> dict:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": choices, **extra}
         return {"data": _json(body)}
 
-    def delta(content: dict, finish_reason: str | None = None) -> list:
-        return [{"index": 0, "delta": content, "finish_reason": finish_reason, "logprobs": None}]
+    def delta(index: int, content: dict, finish_reason: str | None = None, logprobs: list | None = None) -> list:
+        return [{"index": index, "delta": content, "finish_reason": finish_reason,
+                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}]
 
-    role = chunk(delta({"role": "assistant", "content": ""}))
+    unannounced = set(range(n))  # answers whose first chunk (with the role) is still to come
+    last_finish: tuple[int, str] | None = None  # the last answer's finish waits for the done event
+
+    def role(index: int) -> list[dict]:
+        if index not in unannounced:
+            return []
+        unannounced.discard(index)
+        return [chunk(delta(index, {"role": "assistant", "content": ""}))]
+
+    finished = 0
     try:
         async for event in events:
             match event:
@@ -81,18 +101,25 @@ async def chat_chunks(events: AsyncIterator[AnyEvent], stream: EventStream, *, c
                 case RelevanceEvent():
                     yield chunk([], llamavid={"type": event.type, **extension,
                                               **relevance_body(event, extension.get("video_id"), base_url)})
-                case DeltaEvent(text=text):
-                    if role is not None:
-                        yield role
-                        role = None
-                    if text:
-                        yield chunk(delta({"content": text}))
+                case DeltaEvent(index=index):
+                    for first in role(index):
+                        yield first
+                    logprobs = [e.model_dump() for e in event.logprobs] if event.logprobs else None
+                    if event.text or logprobs:
+                        yield chunk(delta(index, {"content": event.text}, logprobs=logprobs))
+                    if event.finish_reason is not None:
+                        finished += 1
+                        if finished < n:
+                            yield chunk(delta(index, {}, event.finish_reason))
+                        else:
+                            last_finish = (index, event.finish_reason)
                 case DoneEvent():
-                    if role is not None:
-                        yield role
-                        role = None
+                    for index in sorted(unannounced):
+                        for first in role(index):
+                            yield first
+                    index, reason = last_finish or (0, event.finish_reason)
                     used = video_usage(event)
-                    yield chunk(delta({}, event.finish_reason), **({"llamavid": {**extension, **used}} if used else {}))
+                    yield chunk(delta(index, {}, reason), **({"llamavid": {**extension, **used}} if used else {}))
                     if include_usage:
                         yield chunk([], usage=done_usage(event))
                 case ErrorEvent():
@@ -113,6 +140,8 @@ async def ask_events(events: AsyncIterator[AnyEvent], stream: EventStream,
                 case ErrorEvent():
                     data = _error(event)
                 case DeltaEvent(text=text):
+                    if not text:
+                        continue  # the end of the answer, which the done event reports
                     data = {"text": text}
                 case ProgressEvent():
                     data = event.model_dump(exclude={"type"})

@@ -46,18 +46,58 @@ class Moment(_Event):
 
 
 class RelevanceEvent(_Event):
+    """Per-frame relevance of one video; a question about several has one event per video, named by
+    ``media_index`` (its place among the conversation's media) and ``video_id``."""
+
     type: Literal["relevance"] = "relevance"
     frames: list[FrameRelevance]
     moments: list[Moment] = []
+    media_index: int | None = None
+    video_id: str | None = None
+
+
+class MediaUsage(_Event):
+    """What the answer used of one of a conversation's several media (``DoneEvent.media``)."""
+
+    index: int
+    kind: Literal["video", "image"]
+    video_id: str | None = None
+    frames_used: int
+    frames_total: int
+
+
+class TopLogprob(_Event):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(_Event):
+    """OpenAI's ``ChatCompletionTokenLogprob``: a generated token and, when asked for, the most likely
+    tokens at its position. Log-probabilities are the model's own, before penalties or a grammar."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = []
 
 
 class DeltaEvent(_Event):
+    """New text of answer ``index`` (of the request's ``n``); the last one of each answer carries its
+    ``finish_reason``. ``logprobs`` covers the tokens generated since the answer's previous delta."""
+
     type: Literal["delta"] = "delta"
     text: str
     offset: int = 0  # characters of the answer before this delta; a relay uses it to detect gaps and resyncs
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    token_offset: int = 0  # tokens of the answer before this delta's logprobs (the relay's resync)
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class DoneEvent(_Event):
+    """The end of every answer; ``finish_reason`` is answer 0's, ``completion_tokens`` counts all."""
+
     type: Literal["done"] = "done"
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
@@ -67,6 +107,7 @@ class DoneEvent(_Event):
     frames_total: int | None = None  # frames sampled and cached for the video
     subtitles: str | None = None  # where the frames' subtitles came from: file, container, asr
     subtitle_cues: int = 0
+    media: list[MediaUsage] = []  # per media, when the conversation has several (frames counts sum them)
 
 
 class ErrorEvent(_Event):

@@ -12,9 +12,9 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-JOB_VERSION = 3
+JOB_VERSION = 5  # 5: QuestionJob.media is a list (several videos and images per conversation)
 
 MediaKind = Literal["video", "image"]
 VideoStatus = Literal["queued", "extracting", "ready", "failed"]
@@ -38,16 +38,6 @@ class Sampling(_Message):
     end: float | None = None
 
 
-class MediaRef(_Message):
-    """A video or image the worker can find: its content digest (the media store's key) and, for a
-    video, the record that reports its extraction and the sampling that names its features."""
-
-    kind: MediaKind
-    digest: str
-    video_id: str | None = None
-    sampling: Sampling | None = None
-
-
 class SubtitleRef(_Message):
     """Which subtitles a video question's frames carry (spec §6.3's interleaving).
 
@@ -60,6 +50,26 @@ class SubtitleRef(_Message):
     digest: str | None = None
 
 
+class MediaRef(_Message):
+    """A video or image the worker can find: its content digest (the media store's key) and, for a
+    video, the record that reports its extraction and the sampling that names its features."""
+
+    kind: MediaKind
+    digest: str
+    video_id: str | None = None
+    sampling: Sampling | None = None
+    turn: int | None = None  # the message it was sent with, when a conversation has several media
+    subtitles: SubtitleRef | None = None  # a video's own, when a conversation has several media
+
+
+class Grammar(_Message):
+    """What every answer must match (``model.structured.GrammarSpec``): a JSON schema (as canonical
+    JSON text), any JSON object, a regular expression, or one of a list of strings (as JSON)."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice"]
+    value: str | None = None
+
+
 class SamplingParams(_Message):
     """The request's generation options; ``None`` leaves a field to the checkpoint's defaults."""
 
@@ -69,6 +79,12 @@ class SamplingParams(_Message):
     max_tokens: int = 512
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    grammar: Grammar | None = None
 
 
 class Turn(_Message):
@@ -79,7 +95,7 @@ class Turn(_Message):
 class QuestionJob(_Message):
     request_id: str
     messages: list[Turn]  # alternating, starting and ending with the user
-    media: MediaRef | None = None
+    media: list[MediaRef] = Field(default_factory=list)  # in the order given; one: the official layout
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     template: str | None = None
     system: str | None = None
@@ -90,6 +106,20 @@ class QuestionJob(_Message):
     deadline: float  # unix time after which the worker gives up; time spent waiting on an extraction
     # that is making progress does not count
     version: int = JOB_VERSION
+
+    @field_validator("media", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        """A single ``MediaRef`` (or None) is a list of one (or none): how one-media callers build jobs."""
+        if value is None:
+            return []
+        return [value] if isinstance(value, (MediaRef, dict)) else value
+
+    @property
+    def routing_digest(self) -> str | None:
+        """What a split deployment routes the job by: the first video's digest, else the first image's."""
+        videos = [m for m in self.media if m.kind == "video"] or self.media
+        return videos[0].digest if videos else None
 
 
 class VideoJob(_Message):

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,16 @@ from .jobs import Sampling, VideoRecord
 class MediaStore(Protocol):
     async def put(self, digest: str, data: bytes) -> None: ...
     async def get(self, digest: str) -> bytes | None: ...
+    async def has(self, digest: str) -> bool: ...  # whether the bytes are stored, without reading them
     async def copy_to(self, digest: str, path: Path) -> bool: ...  # into a file, never whole in memory
     async def delete(self, digest: str) -> None: ...
+    # A client's name for media it sent (vLLM's ``uuid`` on a media part): a small JSON value naming
+    # the video record or image digest, kept as long as media (LRU embedded, the cache TTL in Redis).
+    async def name(self, uuid: str, value: str) -> None: ...
+    async def named(self, uuid: str) -> str | None: ...
+
+
+MAX_MEDIA_NAMES = 65_536  # uuids an embedded server remembers (least recently used forgotten first)
 
 
 @dataclass(frozen=True)
@@ -116,6 +125,7 @@ class DiskMediaStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._names: OrderedDict[str, str] = OrderedDict()
 
     def _path(self, digest: str) -> Path:
         if not digest.isalnum():
@@ -146,6 +156,21 @@ class DiskMediaStore:
             return data
         except FileNotFoundError:
             return None
+
+    async def has(self, digest: str) -> bool:
+        return self._path(digest).exists()
+
+    async def name(self, uuid: str, value: str) -> None:
+        self._names[uuid] = value
+        self._names.move_to_end(uuid)
+        while len(self._names) > MAX_MEDIA_NAMES:
+            self._names.popitem(last=False)
+
+    async def named(self, uuid: str) -> str | None:
+        value = self._names.get(uuid)
+        if value is not None:
+            self._names.move_to_end(uuid)
+        return value
 
     async def copy_to(self, digest: str, path: Path) -> bool:
         """Copy the media into ``path`` (the kernel copies; False when it is not stored)."""

@@ -15,7 +15,7 @@ import base64
 import binascii
 import ssl
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Literal, Protocol
 
@@ -42,6 +42,8 @@ class FetchedMedia:
     content_type: str | None  # declared media type (header or data: URL), lower-case, no params
     final_url: str  # after redirects; "data:" for data URLs, "upload:<filename>" for uploads
     kind: str  # sniffed: "video", "image" or "subtitles"
+    cache_headers: dict[str, str] = field(default_factory=dict, compare=False)  # the response's, lower-case names
+    not_modified: bool = False  # a 304 to a conditional request: no body; the caller's copy is current
 
 
 class AsyncReadable(Protocol):
@@ -224,19 +226,27 @@ def _default_ssl_context() -> ssl.SSLContext:
     return _ssl_context
 
 
+CACHE_HEADERS = ("cache-control", "expires", "date", "age", "etag", "last-modified")
+
+
 async def fetch_url(
-    url: str, policy: MediaPolicy, *, kind: MediaKind | None = None, field: str | None = None
+    url: str, policy: MediaPolicy, *, kind: MediaKind | None = None, field: str | None = None,
+    validators: dict[str, str] | None = None,
 ) -> FetchedMedia:
-    """GET ``url`` under ``policy``; ``field`` names the input in messages (default "<kind>_url")."""
+    """GET ``url`` under ``policy``; ``field`` names the input in messages (default "<kind>_url").
+
+    ``validators`` (``If-None-Match`` / ``If-Modified-Since``) make the request conditional: a 304
+    answer comes back as ``not_modified`` with no data."""
     what = field or _what(kind, "_url")
     try:
-        return await asyncio.wait_for(_fetch(url, policy, kind, what), policy.total_timeout)
+        return await asyncio.wait_for(_fetch(url, policy, kind, what, validators or {}), policy.total_timeout)
     except asyncio.TimeoutError:
         message = f"{what}: fetching took longer than {policy.total_timeout:g} s"
         raise MediaError(TIMEOUT_STATUS, "fetch_timeout", message) from None
 
 
-async def _fetch(url: str, policy: MediaPolicy, kind: MediaKind | None, what: str) -> FetchedMedia:
+async def _fetch(url: str, policy: MediaPolicy, kind: MediaKind | None, what: str,
+                 validators: dict[str, str]) -> FetchedMedia:
     target = netguard.parse_http_url(url, what)
     timeout = httpx.Timeout(
         connect=policy.connect_timeout, read=policy.read_timeout, write=policy.read_timeout,
@@ -251,8 +261,11 @@ async def _fetch(url: str, policy: MediaPolicy, kind: MediaKind | None, what: st
     ) as client:
         for hop in range(policy.max_redirects + 1):
             hop_what = what if hop == 0 else f"{what} (redirected to {target})"
-            response = await _send_pinned(client, target, policy, hop_what)
+            response = await _send_pinned(client, target, policy, hop_what, validators)
             try:
+                if response.status_code == 304 and validators:
+                    return FetchedMedia(b"", _media_type(response.headers.get("content-type")), str(target),
+                                        kind or "", _cache_headers(response), not_modified=True)
                 if response.status_code not in _REDIRECTS:
                     return await _read_body(response, target, policy, kind, what)
                 location = response.headers.get("location")
@@ -271,7 +284,8 @@ async def _fetch(url: str, policy: MediaPolicy, kind: MediaKind | None, what: st
 
 
 async def _send_pinned(
-    client: httpx.AsyncClient, target: httpx.URL, policy: MediaPolicy, what: str
+    client: httpx.AsyncClient, target: httpx.URL, policy: MediaPolicy, what: str,
+    validators: dict[str, str] | None = None,
 ) -> httpx.Response:
     """Connect to a checked address of ``target``'s host, trying each in resolver order."""
     host = target.raw_host.decode("ascii")
@@ -283,7 +297,7 @@ async def _send_pinned(
     failures: list[str] = []
     for address in addresses:
         request = client.build_request(
-            "GET", target.copy_with(host=address), headers={"Host": target.netloc.decode("ascii")},
+            "GET", target.copy_with(host=address), headers={"Host": target.netloc.decode("ascii"), **(validators or {})},
             extensions=extensions,
         )
         try:
@@ -326,4 +340,9 @@ async def _read_body(
     except httpx.HTTPError as exc:
         raise MediaError(400, "fetch_failed", f"{what}: download failed ({netguard.describe(exc)})") from None
     found = _check_kind(bytes(body[:SNIFF_BYTES]), kind, what, content_type)
-    return FetchedMedia(data=bytes(body), content_type=content_type, final_url=str(target), kind=found)
+    return FetchedMedia(data=bytes(body), content_type=content_type, final_url=str(target), kind=found,
+                        cache_headers=_cache_headers(response))
+
+
+def _cache_headers(response: httpx.Response) -> dict[str, str]:
+    return {name: response.headers[name] for name in CACHE_HEADERS if name in response.headers}

@@ -230,21 +230,23 @@ class RedisWorker:
         rid = job.request_id
         attempt = await _retry(lambda: self.queue.start_attempt(rid), until=job.deadline, what="start")
         lease_gone_since: float | None = None
-        answer, first = "", True  # the answer so far, to resend if Redis loses the events stream
+        answers: dict[int, DeltaEvent] = {}  # each answer so far, to resend if Redis loses the events stream
+        first = True
 
         async def send(event: AnyEvent, *, first: bool) -> bool:
             return await _retry(lambda: self.queue.emit(rid, attempt, event, first=first), until=job.deadline,
                                 what="emit")
 
         async def emit(event: AnyEvent) -> None:
-            nonlocal answer, first
+            nonlocal first
             if isinstance(event, DeltaEvent):
-                answer = answer[: event.offset] + event.text
+                answers[event.index] = _so_far(answers.get(event.index), event)
             if not await send(event, first=first):
                 log.warning("the events of %s vanished from Redis; resending the answer so far", rid)
-                await send(DeltaEvent(text=answer, offset=0), first=True)
+                for i, resend in enumerate(answers.values()):
+                    await send(resend, first=i == 0)
                 if not isinstance(event, DeltaEvent):
-                    await send(event, first=False)
+                    await send(event, first=not answers)
             first = False
 
         async def cancelled() -> bool:
@@ -283,3 +285,14 @@ async def _retry(action: Callable[[], Awaitable[T]], *, until: float, what: str)
                 raise
             log.warning("%s: Redis unavailable (%s); retrying", what, exc)
             await asyncio.sleep(1.0)
+
+
+def _so_far(before: DeltaEvent | None, event: DeltaEvent) -> DeltaEvent:
+    """One answer from its start to ``event``, as a single delta a relay can take in place of all."""
+    if before is None:
+        before = DeltaEvent(text="", index=event.index)
+    logprobs = None
+    if event.logprobs is not None:
+        logprobs = (before.logprobs or [])[: event.token_offset] + event.logprobs
+    return DeltaEvent(text=before.text[: event.offset] + event.text, offset=0, index=event.index,
+                      logprobs=logprobs, token_offset=0, finish_reason=event.finish_reason)

@@ -7,8 +7,11 @@ ready, so concurrent first requests cannot race to create it), and runs one loop
   one block for each running request to grow into) are free; a preempted request comes first;
 * prefill one chunk of the oldest admitted prompt, then step every running request together, and
   again: a long prompt never stalls the others for more than one chunk;
-* when a step needs blocks that are not free, preempt the newest running request: its keys and
+* when a step needs blocks that are not free, preempt the newest running sequence: its keys and
   values move to host memory and it waits at the head of the queue, to resume exactly where it was.
+
+A request for ``n`` answers is one sequence until its prompt is in, then ``n`` (``PagedDecoder``
+forks them); the queues hold sequences, so each answer runs, ends or is preempted on its own.
 
 A request whose prompt and budget can never fit the cache fails at once, naming the numbers. A
 forward that raises (an out-of-memory error, say) fails exactly the requests it carried, frees their
@@ -24,7 +27,7 @@ from collections import deque
 
 import torch
 
-from model.batching import PagedDecoder, Sequence
+from model.batching import PagedDecoder, Sampled, Sequence
 from model.generate import GenerationParams
 from model.llama_vid import LlamaVid, PreparedPrompt
 
@@ -50,20 +53,23 @@ class DecodeFailure(Exception):
 
 
 class Tokens:
-    """One request's place in the scheduler: wait for admission, then read its tokens one by one."""
+    """One request's place in the scheduler: wait for admission, then read its tokens one by one
+    (each ``Sampled`` says which of the request's answers it belongs to)."""
 
     def __init__(self, scheduler: Scheduler, prepared: PreparedPrompt, params: GenerationParams) -> None:
         self.scheduler = scheduler
-        self.seq: Sequence = scheduler.decoder.sequence(self, prepared.inputs_embeds, params)
+        self.seq: Sequence = scheduler.decoder.sequence(self, prepared.inputs_embeds, params,
+                                                        prompt_ids=prepared.input_ids)
         self._admitted = asyncio.Event()
-        self._queue: asyncio.Queue[int | DecodeFailure] = asyncio.Queue()
+        self._queue: asyncio.Queue[Sampled | DecodeFailure] = asyncio.Queue()
         self.closed = False
+        self.ended: set[int] = set()  # answers the caller finished (a stop string): their sequences go
 
     def admit(self) -> None:
         self._admitted.set()
 
-    def deliver(self, token: int) -> None:
-        self._queue.put_nowait(token)
+    def deliver(self, sampled: Sampled) -> None:
+        self._queue.put_nowait(sampled)
 
     def fail(self, failure: DecodeFailure) -> None:
         self._admitted.set()
@@ -73,15 +79,23 @@ class Tokens:
         """Return once the request holds room in the KV cache (or has failed: ``next`` raises then)."""
         await self._admitted.wait()
 
-    async def next(self) -> int:
+    async def next(self) -> Sampled:
         item = await self._queue.get()
         if isinstance(item, DecodeFailure):
             raise item
         return item
 
+    def end(self, index: int) -> None:
+        """The caller needs no more tokens of answer ``index``."""
+        self.ended.add(index)
+        self.scheduler.wake()
+
     async def close(self) -> None:
         self.closed = True
         self.scheduler.wake()
+
+    def gone(self, seq: Sequence) -> bool:
+        return self.closed or seq.index in self.ended
 
 
 class Scheduler:
@@ -93,9 +107,9 @@ class Scheduler:
         self.num_blocks, self.block_size, self.prefill_chunk = num_blocks, block_size, prefill_chunk
         self.max_running = max_running
         self.decoder: PagedDecoder | None = None
-        self.waiting: deque[Tokens] = deque()
-        self.prefilling: deque[Tokens] = deque()
-        self.running: list[Tokens] = []
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self._wake = asyncio.Event()
         self._loop: asyncio.Task | None = None
 
@@ -118,16 +132,18 @@ class Scheduler:
         return (self.num_blocks - 1) * self.block_size
 
     def open(self, prepared: PreparedPrompt, params: GenerationParams) -> Tokens:
+        """A request's tokens; raises ``ValueError`` for a grammar that cannot be compiled."""
         assert self.decoder is not None, "start() the scheduler first"
         tokens = Tokens(self, prepared, params)
         if not self.decoder.fits_ever(tokens.seq):
             need = tokens.seq.positions_needed
+            answers = f" for each of n={params.n} answers" if params.n > 1 else ""
             tokens.fail(DecodeFailure(400, "context_length_exceeded", (
-                f"this question needs {need} positions ({tokens.seq.prompt_len} of prompt and max_tokens "
-                f"{params.max_new_tokens}); this server's KV cache holds {self.positions}: ask with fewer "
-                "frames or a smaller max_tokens")))
+                f"this question needs {need} positions{answers} ({tokens.seq.prompt_len} of prompt and "
+                f"max_tokens {params.max_new_tokens}); this server's KV cache holds {self.positions}: ask "
+                "with fewer frames, a smaller max_tokens or a smaller n")))
         else:
-            self.waiting.append(tokens)
+            self.waiting.append(tokens.seq)
             self.wake()
         return tokens
 
@@ -147,68 +163,76 @@ class Scheduler:
                 await asyncio.sleep(0)  # let the requests' consumers take their tokens
 
     def _reap(self) -> None:
-        """Forget the requests whose consumers left; free their blocks."""
+        """Forget the sequences whose consumers left or no longer need them; free their blocks."""
         for queue in (self.waiting, self.prefilling, self.running):
-            for tokens in [t for t in queue if t.closed]:
-                queue.remove(tokens)
-                self.decoder.free(tokens.seq)
-                tokens.seq.swapped = None
+            for seq in [s for s in queue if s.request.gone(s)]:
+                queue.remove(seq)
+                self.decoder.free(seq)
+                seq.swapped = None
 
     async def _admit(self) -> None:
         decoder, pool = self.decoder, self.decoder.pool
-        while self.waiting and len(self.running) + len(self.prefilling) < self.max_running:
-            tokens = self.waiting[0]
-            if pool.free_blocks < decoder.blocks_to_start(tokens.seq) + len(self.running):
+        while self.waiting:
+            seq = self.waiting[0]
+            busy = len(self.running) + sum(s.params.n for s in self.prefilling)
+            if busy and busy + (1 if seq.swapped is not None else seq.params.n) > self.max_running:
+                return  # a request for n answers takes n places once forked (all of them, when alone)
+            if pool.free_blocks < decoder.blocks_to_start(seq) + len(self.running):
                 return  # first come, first served: the head waits for room, the others behind it
             self.waiting.popleft()
-            if tokens.seq.swapped is not None:
-                await self.thread(decoder.swap_in, tokens.seq)
-                self.running.append(tokens)
+            if seq.swapped is not None:
+                await self.thread(decoder.swap_in, seq)
+                self.running.append(seq)
             else:
-                decoder.start(tokens.seq)
-                self.prefilling.append(tokens)
-            tokens.admit()
+                decoder.start(seq)
+                self.prefilling.append(seq)
+            seq.request.admit()
 
     async def _prefill(self) -> None:
-        tokens = self.prefilling[0]
+        seq = self.prefilling[0]
+        before = seq.length
         try:
-            token = await self.thread(self.decoder.prefill, tokens.seq)
+            results = await self.thread(self.decoder.prefill, seq)
         except Exception as exc:
             log.exception("a prefill failed")
             self.prefilling.popleft()
-            self.decoder.free(tokens.seq)
-            tokens.fail(DecodeFailure.from_exception(exc))
+            self.decoder.free(seq)
+            seq.request.fail(DecodeFailure.from_exception(exc))
             return
-        if token is None:
+        self.metrics.prefill_positions.inc(seq.length - before)
+        if results is None:
             return
         self.prefilling.popleft()
-        tokens.deliver(token)
-        if tokens.seq.blocks:  # not ended by its first token
-            self.running.append(tokens)
+        self._deliver(results)
+
+    def _deliver(self, results: list[Sampled]) -> None:
+        for sampled in results:
+            sampled.seq.request.deliver(sampled)
+            if sampled.seq.blocks and sampled.seq not in self.running:  # not ended by this token
+                self.running.append(sampled.seq)
+        self.running = [s for s in self.running if s.blocks]
 
     async def _step(self) -> None:
         decoder, pool = self.decoder, self.decoder.pool
-        while sum(decoder.needs_block(t.seq) for t in self.running) > pool.free_blocks:
+        while sum(decoder.needs_block(s) for s in self.running) > pool.free_blocks:
             victim = self.running.pop()  # the newest: it has waited least and holds least
-            await self.thread(decoder.swap_out, victim.seq)
+            await self.thread(decoder.swap_out, victim)
             self.waiting.appendleft(victim)
             self.metrics.num_preemptions.inc()
         try:
-            results = await self.thread(decoder.step, [t.seq for t in self.running])
+            results = await self.thread(decoder.step, list(self.running))
         except Exception as exc:
-            log.exception("a batched decode step failed; failing the %d requests it carried",
+            log.exception("a batched decode step failed; failing the %d sequences it carried",
                           len(self.running))
             failure = DecodeFailure.from_exception(exc)
-            for tokens in self.running:
-                decoder.free(tokens.seq)
-                tokens.fail(failure)
+            for seq in self.running:
+                decoder.free(seq)
+                seq.request.fail(failure)
             self.running = []
             if failure.out_of_memory and torch.cuda.is_available():
                 await self.thread(torch.cuda.empty_cache)
             return
-        for tokens, token in results:
-            tokens.deliver(token)
-        self.running = [t for t in self.running if t.seq.blocks]
+        self._deliver(results)
 
     def _report(self) -> None:
         if self.decoder is not None:

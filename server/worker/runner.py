@@ -16,27 +16,43 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
 from cache import FeatureStore
+from model.batching import Sampled
 from model.conversation import Message, get_template
-from model.generate import GenerationParams, with_budget
+from model.generate import GenerationParams, TokenLogprobs, with_budget
+from model.generation import Generation
 from model.llama_vid import LlamaVid, PreparedPrompt, VisualInput
 from model.relevance import fit_frames, moments, select_frames, uniform_subset
 from model.subtitles import frame_texts
+from model.tokenizer import LlamaTextTokenizer
 
-from ..engine.events import DeltaEvent, DoneEvent, ErrorEvent, FrameRelevance, Moment, RelevanceEvent
-from ..engine.jobs import JOB_VERSION, QuestionJob, VideoJob
+from ..engine.events import (
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    FrameRelevance,
+    Moment,
+    RelevanceEvent,
+    TokenLogprob,
+    TopLogprob,
+)
+from ..engine.jobs import JOB_VERSION, Grammar, QuestionJob, VideoJob
 from ..engine.protocol import EngineUnavailable
 from ..engine.storage import MediaStore, MemoryRangeBoard, RangeBoard, VideoRegistry
 from ..metrics import LlamaVidMetrics, LlamaVidRequestMetrics
 from .decoding import DecodeFailure, Scheduler
 from .features import AskHelp, Emit, FeatureSource, JobError
 from .model_thread import ModelThread
+from .multimedia import ChosenMany, ManyVisuals, many_inputs, prepare_many
 from .subtitles import NO_SUBTITLES, Subtitles, SubtitleSource
+
+if TYPE_CHECKING:
+    from model.structured import GrammarSpec
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +137,11 @@ class ModelRunner:
             await emit(ErrorEvent(status=500, code="internal_error",
                                   message=f"internal error: {type(exc).__name__}: {exc}"))
 
-    async def _inputs(self, job: QuestionJob, emit: Emit) -> tuple[Visual | None, Subtitles]:
+    async def _inputs(self, job: QuestionJob, emit: Emit) -> tuple[Visual | ManyVisuals | None, Subtitles]:
         """The question's visual features and subtitles, worked out side by side."""
-        ref = job.media
+        if len(job.media) > 1:  # each video with its own subtitles
+            return await many_inputs(self.features, self.subtitles, job, emit), NO_SUBTITLES
+        ref = job.media[0] if job.media else None
         if ref is None:
             return None, NO_SUBTITLES
         if ref.kind == "image":
@@ -178,7 +196,9 @@ class ModelRunner:
             template = replace(template, system=job.system)
         s = job.sampling
 
-        def prepare() -> tuple[PreparedPrompt, Chosen | None]:
+        def prepare() -> tuple[PreparedPrompt, Chosen | ChosenMany | None]:
+            if isinstance(visual, ManyVisuals):
+                return prepare_many(self.model, self.scheduler.positions, job, messages, template, visual)
             if visual is None or visual.input.kind != "video":
                 return self.model.prepare(messages, visual.input if visual else None, template=template,
                                           with_relevance=job.relevance), None
@@ -203,7 +223,10 @@ class ModelRunner:
                     "for an answer; shorten the conversation"))
             params = with_budget(
                 self.model.params(prepared, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                  max_new_tokens=s.max_tokens, stop=s.stop, seed=s.seed),
+                                  max_new_tokens=s.max_tokens, stop=s.stop, seed=s.seed, n=s.n,
+                                  presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                                  repetition_penalty=s.repetition_penalty, logprobs=s.logprobs,
+                                  grammar=grammar_spec(s.grammar)),
                 prepared.num_prompt_tokens, room)
         except ValueError as exc:
             code = "context_length_exceeded" if "context" in str(exc) else "invalid_request"
@@ -214,33 +237,91 @@ class ModelRunner:
                         cancelled: CancelFlag, tracker: LlamaVidRequestMetrics) -> str:
         prepared, params, chosen = await self._prepare(job, visual, subtitles)
         tracker.prompt(prepared.num_prompt_tokens - prepared.num_visual_tokens, prepared.num_visual_tokens)
-        if job.relevance:
+        if isinstance(chosen, ChosenMany):
+            for event in chosen.relevance_events():  # one per video (none unless asked for)
+                await emit(event)
+        elif job.relevance:
             scores = chosen.scores if chosen is not None else prepared.relevance
             if scores is not None:
                 await emit(relevance_event(scores, visual.timestamps, chosen.indices if chosen else None))
         done = partial(_done, prepared=prepared, chosen=chosen, subtitles=subtitles,
-                       total=len(visual.input.features) if visual else 0)
-        generation = self.model.generation(params)
-        tokens = self.scheduler.open(prepared, params)
-        chars = 0  # of answer text emitted so far
+                       total=0 if visual is None or isinstance(visual, ManyVisuals) else len(visual.input.features))
+        try:
+            tokens = self.scheduler.open(prepared, params)
+        except ValueError as exc:  # a grammar the library cannot compile
+            raise JobError(400, "invalid_response_format", str(exc)) from exc
+        answers = [Answer(self.model.generation(params), self.model.tokenizer) for _ in range(params.n)]
         try:
             await _before(job.deadline, tokens.admitted(), "waiting for room in the KV cache")
             tracker.start()
             while True:
                 if await _is_set(cancelled):
                     return "abort"
-                with self.metrics.stage("prefill" if generation.num_tokens == 0 else "decode_step"):
-                    token = await _before(job.deadline, tokens.next(), "generating")
+                first = not any(a.generation.num_tokens for a in answers)
+                with self.metrics.stage("prefill" if first else "decode_step"):
+                    sampled = await _before(job.deadline, tokens.next(), "generating")
                 tracker.token()
-                delta = generation.push(token)
-                if delta.text:  # the detokenizer holds back partial characters and stop-string prefixes
-                    await emit(DeltaEvent(text=delta.text, offset=chars))
-                    chars += len(delta.text)
-                if delta.finish_reason is not None:
-                    await emit(done(delta.finish_reason, completion=generation.num_tokens))
-                    return delta.finish_reason
+                answer = answers[sampled.seq.index]
+                if answer.generation.finish_reason is not None:
+                    continue  # a token already in flight when the answer ended at a stop string
+                event = answer.push(sampled)
+                if event is not None:
+                    await emit(event)
+                if answer.generation.finish_reason is not None:
+                    tokens.end(sampled.seq.index)
+                    if all(a.generation.finish_reason is not None for a in answers):
+                        await emit(done(answers[0].generation.finish_reason,
+                                        completion=sum(a.generation.num_tokens for a in answers)))
+                        return answers[0].generation.finish_reason
         finally:
             await tokens.close()
+
+
+class Answer:
+    """One of a request's answers on its way to events: text from ``Generation`` (which holds back
+    partial characters and stop-string prefixes), log-probabilities of every token since the last
+    delta, and the offsets a relay checks."""
+
+    def __init__(self, generation: Generation, tokenizer: LlamaTextTokenizer) -> None:
+        self.generation = generation
+        self.tokenizer = tokenizer
+        self.chars = self.tokens = 0  # characters and log-probability entries emitted so far
+        self.pending: list[TokenLogprob] = []
+
+    def push(self, sampled: Sampled) -> DeltaEvent | None:
+        delta = self.generation.push(sampled.token)
+        if sampled.logprobs is not None and sampled.token != self.generation.eos_id:
+            self.pending.append(token_logprob(self.tokenizer, sampled.logprobs))
+        if not delta.text and delta.finish_reason is None:
+            return None
+        event = DeltaEvent(text=delta.text, offset=self.chars, index=sampled.seq.index,
+                           logprobs=self.pending if sampled.logprobs is not None else None,
+                           token_offset=self.tokens, finish_reason=delta.finish_reason)
+        self.chars += len(delta.text)
+        self.tokens += len(self.pending)
+        self.pending = []
+        return event
+
+
+def token_logprob(tokenizer: LlamaTextTokenizer, logprobs: TokenLogprobs) -> TokenLogprob:
+    def text(token: int) -> tuple[str, list[int]]:
+        raw = tokenizer.token_bytes(token)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    token, raw = text(logprobs.token)
+    top = []
+    for candidate, logprob in logprobs.top:
+        candidate_text, candidate_raw = text(candidate)
+        top.append(TopLogprob(token=candidate_text, logprob=max(logprob, -9999.0), bytes=candidate_raw))
+    return TokenLogprob(token=token, logprob=max(logprobs.logprob, -9999.0), bytes=raw, top_logprobs=top)
+
+
+def grammar_spec(grammar: Grammar | None) -> GrammarSpec | None:
+    if grammar is None:
+        return None
+    from model.structured import GrammarSpec  # the grammar library loads only when a request needs it
+
+    return GrammarSpec(kind=grammar.kind, value=grammar.value)
 
 
 @dataclass(frozen=True)
@@ -271,9 +352,9 @@ async def _is_set(flag: CancelFlag) -> bool:
     return bool(await value) if inspect.isawaitable(value) else bool(value)
 
 
-def _done(reason: str, *, completion: int, prepared: PreparedPrompt, chosen: Chosen | None,
+def _done(reason: str, *, completion: int, prepared: PreparedPrompt, chosen: Chosen | ChosenMany | None,
           subtitles: Subtitles, total: int) -> DoneEvent:
-    video = {} if chosen is None else {
+    video = {} if chosen is None else chosen.done_fields() if isinstance(chosen, ChosenMany) else {
         "frames_used": len(chosen.indices), "frames_total": total, "subtitles": subtitles.source,
         "subtitle_cues": len(subtitles.cues)}
     return DoneEvent(finish_reason=reason, prompt_tokens=prepared.num_prompt_tokens,

@@ -46,13 +46,13 @@ def _run(decoder: PagedDecoder, prompts, params, max_running: int) -> dict[int, 
         while waiting and len(running) < max_running:
             seq = waiting.pop(0)
             decoder.start(seq)
-            while (token := decoder.prefill(seq)) is None:
+            while (first := decoder.prefill(seq)) is None:
                 pass
-            out[seq.request] = [token]
+            out[seq.request] = [first[0].token]
             if seq.blocks:  # not ended by its first token
                 running.append(seq)
-        for request, token in decoder.step(running):
-            out[request].append(token)
+        for sampled in decoder.step(running):
+            out[sampled.seq.request].append(sampled.token)
         running = [seq for seq in running if seq.blocks]
     return out
 
@@ -112,9 +112,9 @@ def test_swap_out_and_back_in_is_exact(tiny_model, prompts):
     decoder = _decoder(llm, num_blocks=64)
     seq = decoder.sequence("s", prompts[3], _params(1))
     decoder.start(seq)
-    tokens = [decoder.prefill(seq)]
+    tokens = [decoder.prefill(seq)[0].token]
     for _ in range(5):
-        tokens += [t for _, t in decoder.step([seq])]
+        tokens += [s.token for s in decoder.step([seq])]
     decoder.swap_out(seq)
     assert seq.blocks == [] and decoder.pool.free_blocks == decoder.pool.usable_blocks
     other = decoder.sequence("o", prompts[4], _params(0))  # another request reuses the blocks meanwhile
@@ -123,7 +123,7 @@ def test_swap_out_and_back_in_is_exact(tiny_model, prompts):
     decoder.step([other])
     decoder.swap_in(seq)
     while seq.blocks:
-        tokens += [t for r, t in decoder.step([seq, other] if other.blocks else [seq]) if r == "s"]
+        tokens += [s.token for s in decoder.step([seq, other] if other.blocks else [seq]) if s.seq is seq]
     assert tokens == expected
 
 
@@ -147,3 +147,108 @@ def test_real_head_sizes(tmp_path):
     out = _run(_decoder(llm, num_blocks=32, block_size=16, prefill_chunk=16), embeds,
                lambda i: _params(i, new=8), 3)
     assert [out[i] for i in range(3)] == expected
+
+
+# -- n answers, log-probabilities, penalties -------------------------------------------------------------
+def _answers(decoder: PagedDecoder, seq) -> dict[int, list]:
+    """Every answer of one request, by index: prefill (forking), then steps until all end."""
+    decoder.start(seq)
+    while (first := decoder.prefill(seq)) is None:
+        pass
+    out = {s.seq.index: [s] for s in first}
+    running = [s.seq for s in first if s.seq.blocks]
+    while running:
+        for sampled in decoder.step(running):
+            out[sampled.seq.index].append(sampled)
+        running = [s for s in running if s.blocks]
+    return out
+
+
+@pytest.mark.parametrize("block_size", [4, 5])  # the prompt ends mid-block / on a block boundary
+def test_n_answers_fork_from_one_prefill(tiny_model, prompts, block_size):
+    """Answer i of a seeded request for n is what the same request alone with seed + i generates; the
+    prompt runs through the LLM once and its full blocks are shared, not copied."""
+    llm = tiny_model.llm
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0.9, seed=5, n=3)
+    expected = [_alone(llm, prompts[1], GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0.9, seed=5 + i))
+                for i in range(3)]
+    decoder = _decoder(llm, num_blocks=64, block_size=block_size)
+    forwards = []
+    handle = llm.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(
+        kwargs["inputs_embeds"].shape[1] if kwargs.get("inputs_embeds") is not None else 0), with_kwargs=True)
+    try:
+        seq = decoder.sequence("r", prompts[1], params)  # 35 positions of prompt
+        decoder.start(seq)
+        assert decoder.pool.usable_blocks - decoder.pool.free_blocks == decoder.blocks_to_start(seq) == \
+            decoder.pool.blocks_for(36) + 2
+        while (first := decoder.prefill(seq)) is None:
+            pass
+        siblings = [s.seq for s in first]
+        full = 35 // block_size
+        assert [s.index for s in siblings] == [0, 1, 2]
+        assert all(s.blocks[:full] == seq.blocks[:full] for s in siblings)  # shared
+        assert len({s.blocks[full] for s in siblings}) == 3  # each its own last block
+        out = {s.seq.index: [s.token] for s in first}
+        running = list(siblings)
+        while running:
+            for sampled in decoder.step(running):
+                out[sampled.seq.index].append(sampled.token)
+            running = [s for s in running if s.blocks]
+    finally:
+        handle.remove()
+    assert [out[i] for i in range(3)] == expected and len(set(map(tuple, expected))) == 3
+    assert sum(forwards) == 35  # the prompt's embeddings went through the LLM once
+    assert decoder.pool.free_blocks == decoder.pool.usable_blocks  # shared blocks freed by the last holder
+
+
+def test_fitting_counts_every_answer(tiny_model, prompts):
+    decoder = _decoder(tiny_model.llm, num_blocks=16, block_size=4)  # 15 usable blocks
+    one = decoder.sequence("a", prompts[2], GenerationParams(max_new_tokens=20))  # 9 + 20 positions: 8 blocks
+    assert decoder.fits_ever(one)
+    # each more answer shares the 2 full prompt blocks and needs 6 of its own
+    assert decoder.fits_ever(decoder.sequence("b", prompts[2], GenerationParams(max_new_tokens=20, n=2)))
+    assert not decoder.fits_ever(decoder.sequence("c", prompts[2], GenerationParams(max_new_tokens=20, n=3)))
+
+
+def test_logprobs_are_the_models_own(tiny_model, prompts):
+    """Each answer token's log-probability and top-k equal a direct forward pass over prompt + answer."""
+    llm = tiny_model.llm
+    params = GenerationParams(max_new_tokens=10, temperature=0.8, seed=3, logprobs=4)
+    out = _answers(_decoder(llm, num_blocks=64), _decoder(llm, 64).sequence("r", prompts[0], params))[0]
+    tokens = [s.token for s in out]
+    with torch.inference_mode():
+        embeds = torch.cat((prompts[0], llm.get_input_embeddings()(torch.tensor([tokens[:-1]]))), dim=1)
+        logp = torch.log_softmax(llm(inputs_embeds=embeds).logits[0, prompts[0].shape[1] - 1 :].float(), -1)
+    for step, sampled in enumerate(out):
+        assert sampled.logprobs.token == tokens[step]
+        assert sampled.logprobs.logprob == pytest.approx(float(logp[step, tokens[step]]), abs=1e-4)
+        top = logp[step].topk(4)
+        assert [t for t, _ in sampled.logprobs.top] == top.indices.tolist()
+        assert [v for _, v in sampled.logprobs.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_penalties_follow_vllm_semantics(tiny_model, prompts):
+    """Greedy decoding with penalties picks, at every step, the argmax of the logits penalised as vLLM
+    does: repetition over prompt and answer ids, then frequency and presence over the answer's."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    llm = tiny_model.llm
+    decoder = _decoder(llm, num_blocks=64)
+    plain = [s.token for s in
+             _answers(decoder, decoder.sequence("p", prompts[4], GenerationParams(max_new_tokens=12)))[0]]
+    prompt_ids = [5, 9, 9, plain[0]]  # as if the prompt held the first word of the plain answer
+    params = GenerationParams(max_new_tokens=12, repetition_penalty=1.7, frequency_penalty=0.9,
+                              presence_penalty=0.6)
+    out = _answers(decoder, decoder.sequence("r", prompts[4], params, prompt_ids=prompt_ids))[0]
+    tokens = [s.token for s in out]
+    repetition = RepetitionPenaltyLogitsProcessor(1.7)
+    with torch.inference_mode():
+        embeds = torch.cat((prompts[4], llm.get_input_embeddings()(torch.tensor([tokens[:-1]]))), dim=1)
+        logits = llm(inputs_embeds=embeds).logits[0, prompts[4].shape[1] - 1 :].float()
+    for step in range(len(tokens)):
+        seen = torch.tensor([prompt_ids + tokens[:step]])
+        expected = repetition(seen, logits[step : step + 1].clone())[0]
+        for token in set(tokens[:step]):
+            expected[token] -= 0.9 * tokens[:step].count(token) + 0.6
+        assert tokens[step] == int(expected.argmax())
+    assert plain != tokens  # the penalties changed the answer

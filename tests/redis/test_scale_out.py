@@ -227,3 +227,24 @@ def test_client_disconnect_cancels_a_non_streaming_job(deployment: Deployment) -
     wait_for(lambda: d.total("llamavid_request_success_total", finished_reason="abort") == aborted + 1, 5,
              "the worker to abort the abandoned request")
     wait_for(lambda: d.total("llamavid_num_requests_running") == 0, 10, "the running gauge to return to 0")
+
+
+def test_n_answers_and_logprobs_cross_redis(deployment: Deployment) -> None:
+    """Several answers of one request, with their log-probabilities, relayed per answer: streamed
+    and whole give the same tokens, and answer 0 is the n=1 answer."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{deployment.url}/v1", api_key="none", max_retries=0)
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "Name three colours."}], max_tokens=6,
+                  temperature=1.0, seed=3, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(n=2, **kwargs)
+    assert [c.index for c in whole.choices] == [0, 1]
+    for choice in whole.choices:
+        raw = b"".join(bytes(e.bytes) for e in choice.logprobs.content)
+        assert raw.decode("utf-8", errors="replace") == choice.message.content
+    tokens: dict[int, list[str]] = {0: [], 1: []}
+    for chunk in client.chat.completions.create(n=2, stream=True, **kwargs):
+        for choice in chunk.choices:
+            tokens[choice.index] += [e.token for e in (choice.logprobs.content if choice.logprobs else [])]
+    assert [tokens[i] for i in (0, 1)] == [[e.token for e in c.logprobs.content] for c in whole.choices]
+    assert client.chat.completions.create(**kwargs).choices[0].message.content == whole.choices[0].message.content

@@ -170,8 +170,8 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple], int, tuple[str, ...], str | None]
                   INVALID),
     "absurd-seed": (post(CHAT, chat(seed=2**70, temperature=1.0)), 400, ("seed",), INVALID),
     "too-many-stops": (post(CHAT, chat(stop=["a", "b", "c", "d", "e"])), 400, ("stop",), INVALID),
-    "n-two": (post(CHAT, chat(n=2)), 400, ("n",), INVALID),
-    "logprobs": (post(CHAT, chat(logprobs=True)), 400, ("logprobs",), INVALID),
+    "n-nine": (post(CHAT, chat(n=9)), 400, ("n",), INVALID),
+    "top-logprobs-alone": (post(CHAT, chat(top_logprobs=2)), 400, ("top_logprobs needs logprobs",), INVALID),
     # -- text that no tokenizer can encode (a lone UTF-16 surrogate, legal in JSON)
     "surrogate-chat": (raw(CHAT, b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "application/json"),
                        400, ("messages.0.content", "unpaired", "d800"), INVALID),
@@ -193,10 +193,10 @@ CASES: dict[str, tuple[Callable[[Ctx], tuple], int, tuple[str, ...], str | None]
                                                      {"role": "assistant", "content": "b"}]}), 400,
                             ("last message",), "invalid_messages"),
     "tool-role": (post(CHAT, {"messages": [{"role": "tool", "content": "a"}]}), 400, ("role",), INVALID),
-    "two-media": (post(CHAT, lambda c: {"messages": [{"role": "user", "content": [
+    "too-many-media": (post(CHAT, lambda c: {"messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": c.video_id}},
-        {"type": "video_url", "video_url": {"url": "vid-000000000000000000000000"}},
-        {"type": "text", "text": "q"}]}]}), 400, ("only one video",), "too_many_media"),
+        *({"type": "video_url", "video_url": {"url": f"vid-00000000000000000000000{i}"}} for i in range(4)),
+        {"type": "text", "text": "q"}]}]}), 400, ("at most 4", "max_media"), "too_many_media"),
     "two-sources": (post(ASK, lambda c: {"question": "q", "video_id": c.video_id, "image_url": "data:,"}),
                     400, ("at most one of",), INVALID),
     "unknown-template": (post(CHAT, chat(template="alpaca")), 400, ("alpaca", "template"),

@@ -20,6 +20,7 @@ EXPECTED_NAMES = [
     "llamavid_prompt_tokens_total",
     "llamavid_visual_tokens_total",
     "llamavid_generation_tokens_total",
+    "llamavid_prefill_positions_total",
     "llamavid_request_success_total",
     "llamavid_frames_decoded_total",
     "llamavid_frames_encoded_total",
@@ -36,6 +37,9 @@ EXPECTED_NAMES = [
     "llamavid_feature_cache_bytes",
     "llamavid_video_jobs_total",
     "llamavid_http_requests_total",
+    "llamavid_batch_lines_total",
+    "llamavid_batches_total",
+    "llamavid_batches_running",
     "llamavid_model_info",
 ]
 

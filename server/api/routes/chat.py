@@ -29,7 +29,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, engine:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunks = chat_chunks(events, stream, completion_id=chat.completion_id, created=created, model=card.id,
                              include_usage=include_usage, extension=chat.extension(),
-                             base_url=str(request.base_url))
+                             base_url=str(request.base_url), n=req.n)
         return EventSourceResponse(chunks, ping=15, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     result = await collect(events, stream, gone)
     return JSONResponse(completion_body(chat, result, created=created, base_url=str(request.base_url)))

@@ -66,11 +66,14 @@ async def models(engine: Engine, settings: ServerSettings) -> dict:
         "llamavid": {"tokens_per_frame": card.tokens_per_frame, "device": card.device, "dtype": card.dtype,
                      "demo": card.demo, "kv_positions": card.kv_positions,
                      "long_video": card.long_video, "speech_to_text": card.asr,
+                     # several videos and images per conversation: no checkpoint was trained on it
+                     "experimental": ["multiple_media"], "max_media": settings.max_media,
                      # what a client may ask for, so the page can check its settings before sending
                      "limits": {"max_fps": settings.max_fps, "max_frames": settings.max_frames,
                                 "max_tokens": settings.max_tokens_limit,
                                 "max_question_chars": settings.max_question_chars,
-                                "max_video_bytes": settings.max_video_bytes}},
+                                "max_video_bytes": settings.max_video_bytes, "max_media": settings.max_media,
+                                "max_total_frames": settings.max_total_frames}},
     }
     if card.demo == "random":
         entry["llamavid"]["warning"] = "random demo weights: answers are noise. Start with --model DIR for real answers."

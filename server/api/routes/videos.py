@@ -21,8 +21,16 @@ from ..deps import Engine, Ingest, ServerSettings, require_card
 from ..errors import APIError
 from ..ingest import VIDEO_ID, question_subtitles
 from ..protocol import AskRequest, FrameOptions, VideoFromURL, VideoObject, usage
-from ..serving import (Conversation, build_job, check_context, client_gone, collect, no_video_fields,
-                       normalise_turns, start)
+from ..serving import (
+    Conversation,
+    build_job,
+    check_context,
+    client_gone,
+    collect,
+    no_video_fields,
+    normalise_turns,
+    start,
+)
 from ..sse import ask_events, moments_body, video_usage
 
 router = APIRouter()
@@ -171,11 +179,11 @@ async def ask(req: AskRequest, request: Request, engine: Engine, ingest: Ingest,
     if req.video_url or req.video_id:
         record = (await ingest.video_by_id(req.video_id, req) if req.video_id
                   else await ingest.video_from_url(req.video_url, req, field="video_url"))
-        conversation.media, conversation.video_id = record.ref(), record.id
+        conversation.media, conversation.video_id = [record.ref()], record.id
         conversation.frames = record.frames_total or 0
         conversation.subtitles = question_subtitles(subtitles, record, long_video=card.long_video)
     elif req.image_url:
-        conversation.media = await ingest.image_from_url(req.image_url, field="image_url")
+        conversation.media = [await ingest.image_from_url(req.image_url, field="image_url")]
         conversation.frames = 1
     job = build_job(conversation, req, settings, max_tokens=req.max_tokens, template=req.template)
     check_context(conversation, card)

@@ -129,7 +129,7 @@ class RedisEngine:
             job.sampling.seed = random.randrange(1 << 31)
         await self.queue.renew_lease(job.request_id, LEASE_SECONDS)
         queued = await self._enqueue(
-            QUESTIONS, job.model_dump_json(), job.media.digest if job.media else None,
+            QUESTIONS, job.model_dump_json(), job.routing_digest,
             affine_limit=self.settings.affinity_queue_depth,
             shared_limit=self.settings.queue_size + self.settings.max_running * len(workers))
         if queued is None:
@@ -141,7 +141,8 @@ class RedisEngine:
     async def _relay(self, job: QuestionJob, queued: tuple[str, str], stream: EventStream) -> None:
         """Forward the worker's events to the client: each attempt's answer text is rebuilt from the
         deltas' offsets, and only what the client does not have yet is forwarded."""
-        last, attempt, sent, replay = "0-0", 0, "", ""
+        last, attempt = "0-0", 0
+        answers: dict[int, _Relayed] = {}  # per answer index: what the client has
         relevance_sent, finished = False, False
         deadline = job.deadline + 30
         renewed, lost_since = time.monotonic(), None
@@ -173,25 +174,18 @@ class RedisEngine:
                     if event_attempt < attempt:
                         continue  # a worker that was presumed dead; its replacement owns the request
                     if event_attempt > attempt:
-                        attempt, replay = event_attempt, ""
+                        attempt = event_attempt
+                        for relayed in answers.values():
+                            relayed.replay = ""
                     match event:
-                        case DeltaEvent(text=text, offset=offset):
-                            if offset > len(replay):
+                        case DeltaEvent():
+                            forward = answers.setdefault(event.index, _Relayed()).take(event)
+                            if isinstance(forward, ErrorEvent):
                                 finished = True
-                                stream.put(ErrorEvent(status=502, code="events_lost", message=(
-                                    "part of the answer was lost in a queue backend (Redis) outage; send the "
-                                    "request again")))
+                                stream.put(forward)
                                 break
-                            replay = replay[:offset] + text  # offset < len: a resend of text already relayed
-                            common = min(len(replay), len(sent))
-                            if replay[:common] != sent[:common]:
-                                stream.put(ErrorEvent(status=502, code="worker_failed", message=(
-                                    "the worker answering this request failed and its retry produced a "
-                                    "different answer")))
-                                finished = True
-                            elif len(replay) > len(sent):
-                                stream.put(DeltaEvent(text=replay[len(sent):], offset=len(sent)))
-                                sent = replay
+                            if forward is not None:
+                                stream.put(forward)
                         case RelevanceEvent():
                             if not relevance_sent:
                                 relevance_sent = True
@@ -219,6 +213,41 @@ class RedisEngine:
 
     async def close(self) -> None:
         await close_roles(self.redis, self.cache_redis)
+
+
+class _Relayed:
+    """One answer as relayed: the text the client has, the current attempt's text rebuilt from its
+    deltas' offsets, the log-probabilities sent, whether its end was sent. A worker's retry resends
+    the answer from the start; only what the client lacks goes on, and a retry that disagrees with
+    what was sent is an error rather than a spliced answer."""
+
+    def __init__(self) -> None:
+        self.sent = self.replay = ""
+        self.tokens_sent = 0
+        self.finished = False
+
+    def take(self, event: DeltaEvent) -> DeltaEvent | ErrorEvent | None:
+        if event.offset > len(self.replay):
+            return ErrorEvent(status=502, code="events_lost", message=(
+                "part of the answer was lost in a queue backend (Redis) outage; send the request again"))
+        self.replay = self.replay[: event.offset] + event.text  # offset < len: a resend of text already relayed
+        common = min(len(self.replay), len(self.sent))
+        if self.replay[:common] != self.sent[:common]:
+            return ErrorEvent(status=502, code="worker_failed", message=(
+                "the worker answering this request failed and its retry produced a different answer"))
+        text = self.replay[len(self.sent):]
+        logprobs = None
+        if event.logprobs is not None:
+            logprobs = event.logprobs[max(0, self.tokens_sent - event.token_offset):]
+        finish = event.finish_reason if not self.finished else None
+        if not text and not logprobs and finish is None:
+            return None
+        forward = DeltaEvent(text=text, offset=len(self.sent), index=event.index, logprobs=logprobs,
+                             token_offset=self.tokens_sent, finish_reason=finish)
+        self.sent += text
+        self.tokens_sent = max(self.tokens_sent, event.token_offset + len(event.logprobs or ()))
+        self.finished = self.finished or finish is not None
+        return forward
 
 
 def _stop_relay(stream: EventStream) -> None:

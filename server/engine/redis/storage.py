@@ -12,6 +12,7 @@ the server's milliseconds, ``done:i`` with its skipped frames), changed only by 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -201,6 +202,19 @@ class RedisMediaStore:
             return False
         await self._touch(digest, meta["parts"])
         return True
+
+    async def has(self, digest: str) -> bool:
+        return bool(await self.redis.exists(self._key(digest, "head")))
+
+    def _name_key(self, uuid: str) -> str:
+        return f"{self.ns}:media-uuid:{hashlib.sha256(uuid.encode()).hexdigest()}"  # any text, a fixed-size key
+
+    async def name(self, uuid: str, value: str) -> None:
+        await self.redis.set(self._name_key(uuid), value, ex=self.ttl)
+
+    async def named(self, uuid: str) -> str | None:
+        value = await self.redis.getex(self._name_key(uuid), ex=self.ttl)
+        return value.decode() if value is not None else None
 
     async def _touch(self, digest: str, parts: int) -> None:
         """In use: keep it as long as its features."""

@@ -49,3 +49,35 @@ async def test_ask_events_cover_every_event() -> None:
     assert done["video_id"] == "vid-1" and done["usage"]["completion_tokens"] == 8
     assert (done["frames_used"], done["frames_total"]) == (1, 2)
     assert json.loads(out[5]["data"])["error"]["type"] == "server_error" and stream.cancelled
+
+
+async def test_chat_chunks_of_several_answers_each_finish_once() -> None:
+    """Answers interleave by index; each one's finish goes out when it ends, the last one's with the
+    video usage once the request is done; log-probabilities ride on their deltas."""
+    from server.engine.events import DeltaEvent, DoneEvent, TokenLogprob
+
+    def lp(token: str) -> list[TokenLogprob]:
+        return [TokenLogprob(token=token, logprob=-0.5, bytes=list(token.encode()))]
+
+    events = [
+        DeltaEvent(text="A", index=0, logprobs=lp("A")),
+        DeltaEvent(text="B", index=1, logprobs=lp("B")),
+        DeltaEvent(text="", offset=1, index=1, logprobs=[], token_offset=1, finish_reason="stop"),
+        DeltaEvent(text="a", offset=1, index=0, logprobs=lp("a"), token_offset=1, finish_reason="length"),
+        DoneEvent(finish_reason="length", prompt_tokens=10, visual_tokens=4, completion_tokens=4, frames_used=2,
+                  frames_total=2),
+    ]
+
+    async def source():
+        for event in events:
+            yield event
+
+    out = await _drain(chat_chunks(source(), EventStream(), completion_id="c", created=0, model="m",
+                                   include_usage=False, extension={"video_id": "vid-1"}, base_url="http://h/", n=2))
+    chunks = [json.loads(item["data"]) for item in out[:-1]]
+    seen = [(c["choices"][0]["index"], c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks]
+    assert seen == [(0, {"role": "assistant", "content": ""}, None), (0, {"content": "A"}, None),
+                    (1, {"role": "assistant", "content": ""}, None), (1, {"content": "B"}, None),
+                    (1, {}, "stop"), (0, {"content": "a"}, None), (0, {}, "length")]
+    assert chunks[1]["choices"][0]["logprobs"]["content"][0]["token"] == "A"
+    assert "llamavid" not in chunks[4] and chunks[-1]["llamavid"]["frames_used"] == 2

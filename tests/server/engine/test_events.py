@@ -15,6 +15,8 @@ from server.engine.events import (
     Moment,
     ProgressEvent,
     RelevanceEvent,
+    TokenLogprob,
+    TopLogprob,
     dump_event,
     load_event,
 )
@@ -41,7 +43,13 @@ EVENTS = [
 ]
 
 
-@pytest.mark.parametrize("event", EVENTS, ids=lambda e: e.type)
+# an answer of several, with log-probabilities (the encoders' own tests cover them)
+ANSWER_DELTA = DeltaEvent(text=" yes", offset=5, index=2, token_offset=3, finish_reason="stop", logprobs=[
+    TokenLogprob(token=" yes", logprob=-0.25, bytes=list(b" yes"),
+                 top_logprobs=[TopLogprob(token=" no", logprob=-1.5, bytes=list(b" no"))])])
+
+
+@pytest.mark.parametrize("event", [*EVENTS, ANSWER_DELTA], ids=lambda e: e.type)
 def test_every_event_round_trips(event) -> None:
     again = load_event(dump_event(event))
     assert type(again) is type(event) and again == event
@@ -67,7 +75,7 @@ def test_a_question_job_round_trips_with_its_typed_parts() -> None:
         frame_selection="relevant", subtitles=SubtitleRef(source="file", digest="cd" * 32), deadline=1e10)
     again = QuestionJob.model_validate_json(job.model_dump_json())
     assert again == job and again.version == JOB_VERSION
-    assert isinstance(again.media.sampling, Sampling) and again.sampling.stop == ["\n"]
+    assert isinstance(again.media[0].sampling, Sampling) and again.sampling.stop == ["\n"]
     assert isinstance(again.subtitles, SubtitleRef) and again.subtitles.digest == "cd" * 32
 
 

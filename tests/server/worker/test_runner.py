@@ -247,8 +247,8 @@ async def test_a_backend_outage_mid_question_is_a_clean_503(tiny_model, tmp_path
                          Unreachable(), LlamaVidMetrics(), num_blocks=64)
     await runner.start()
     try:
-        question = job("What happens?").model_copy(update={"media": MediaRef(
-            kind="video", digest="ab" * 32, video_id="vid-" + "0" * 24, sampling=Sampling())})
+        question = job("What happens?").model_copy(update={"media": [MediaRef(
+            kind="video", digest="ab" * 32, video_id="vid-" + "0" * 24, sampling=Sampling())]})
         error = final(await answer(runner, question))
     finally:
         runner.close()
