@@ -57,3 +57,18 @@ def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     state["lm_head.weight"][json.loads((out / "config.json").read_text())["eos_token_id"]] = 0
     save_file(state, str(weights), metadata={"format": "pt"})
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    """``llamavid serve`` on the shipped trained demo checkpoint (right answers, unlike the random
+    models), shared by every test that needs one; it must log no traceback."""
+    from model.demo import is_trained_demo, shipped_dir
+    from tests.serving import start_server
+
+    folder = shipped_dir()
+    assert folder is not None and is_trained_demo(folder), "the trained demo checkpoint is not in model/demo/checkpoint"
+    server = start_server(tmp_path_factory.mktemp("demo"), folder)
+    yield server
+    server.stop()
+    assert "Traceback" not in server.output(), server.output()[-4000:]

@@ -12,27 +12,17 @@ That both blocks reach the LLM whole is checked by the counts (visual tokens, fr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from model.demo import data, is_trained_demo, shipped_dir
+from model.demo import data
 from model.demo.evaluate import normalise
 from tests.server.live import wait_ready_video
-from tests.serving import Process, start_server
+from tests.serving import Process
 
 SEEDS = (30_000, 30_001)  # clips with a circle each; a triangle only in the first, a square only in the second
-
-
-@pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    folder = shipped_dir()
-    assert folder is not None and is_trained_demo(folder), "the trained demo checkpoint is not in model/demo/checkpoint"
-    server = start_server(tmp_path_factory.mktemp("demo-multi"), folder)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
