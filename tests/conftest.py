@@ -59,16 +59,22 @@ def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def demo_server(tmp_path_factory: pytest.TempPathFactory):
+def serve_demo(folder: Path):
     """``llamavid serve`` on the shipped trained demo checkpoint (right answers, unlike the random
-    models), shared by every test that needs one; it must log no traceback."""
+    models), working in ``folder``; it must log no traceback."""
     from model.demo import is_trained_demo, shipped_dir
     from tests.serving import start_server
 
-    folder = shipped_dir()
-    assert folder is not None and is_trained_demo(folder), "the trained demo checkpoint is not in model/demo/checkpoint"
-    server = start_server(tmp_path_factory.mktemp("demo"), folder)
+    checkpoint = shipped_dir()
+    assert checkpoint is not None and is_trained_demo(checkpoint), \
+        "the trained demo checkpoint is not in model/demo/checkpoint"
+    server = start_server(folder, checkpoint)
     yield server
     server.stop()
     assert "Traceback" not in server.output(), server.output()[-4000:]
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    """One demo server shared by the tests that only ask it questions."""
+    yield from serve_demo(tmp_path_factory.mktemp("demo"))

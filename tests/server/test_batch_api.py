@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from model.demo import data
+from tests.conftest import serve_demo
 from tests.server.conftest import MediaHost, Videos
 from tests.server.live import scrape, wait_for
 from tests.serving import Process
@@ -49,6 +50,12 @@ def _wait_done(client, batch_id: str, timeout: float = 120) -> tuple[object, lis
 
     return wait_for(finished, timeout=timeout, interval=0.2, what=f"batch {batch_id} to finish"), seen
 
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory):
+    """Its own: the test counts the extractions of its videos, which another test may have sent."""
+    yield from serve_demo(tmp_path_factory.mktemp("batch-demo"))
 
 def test_200_questions_over_20_videos_each_video_extracted_once(demo_server: Process, media_host: MediaHost,
                                                                 tmp_path: Path) -> None:
