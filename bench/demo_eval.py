@@ -3,7 +3,8 @@
 Every clip is a fresh seeded H.264 file (seeds disjoint from training), answered through the
 service's in-process engine (``server.worker.offline``): the same media store, extraction loop,
 feature cache, runner and batched decoder as ``llamavid serve``; see ``model/demo/evaluate.py``
-for the ablations. One more condition answers from features read back from int8 cache blobs
+for the ablations. The binding questions are asked once more "in JSON" under a JSON schema
+(structured output: how many answers parse, how many give the right values). One more condition answers from features read back from int8 cache blobs
 (``cache/serialize.py``), and the fp16 and int8 blobs' error on the tokens is measured against
 fp32 features.
 
@@ -33,8 +34,11 @@ from model.demo.evaluate import (
     ABLATIONS,
     binding_chance,
     eval_clips,
+    json_line,
+    json_summary,
     markdown_table,
     run_eval,
+    run_json_eval,
     summarise,
     time_breakdown,
 )
@@ -57,8 +61,8 @@ class BlobStore(MemoryFeatureStore):
         super().__init__(4 << 30)
         self.round_trip = through_cache(fmt)
 
-    async def put_frames(self, encoder_id, video_digest, frame_indices, features) -> None:
-        await super().put_frames(encoder_id, video_digest, frame_indices, self.round_trip(features))
+    async def put_frames(self, encoder_id, video_digest, frame_indices, features) -> int:
+        return await super().put_frames(encoder_id, video_digest, frame_indices, self.round_trip(features))
 
 
 def token_error(model, seed: int, clips: int, fmt: str) -> dict[str, float]:
@@ -98,11 +102,14 @@ def main() -> int:
         variants = {"int8_cache": int8}
         records = run_eval(model, served, seed=args.seed, per_type=args.per_type, ablations=list(ABLATIONS),
                            variants=variants)
+        json_records = run_json_eval(served, seed=args.seed, per_type=args.per_type)
+    json_result = json_summary(json_records)
     seconds = time.perf_counter() - started
     summary = summarise(records)
     table = markdown_table(summary, records)
     by_time_kind = time_breakdown(records)
     print(table)
+    print(json_line(json_result))
     print("time questions, both tokens:", ", ".join(f"{k} {v['right']}/{v['asked']}" for k, v in by_time_kind.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -118,7 +125,9 @@ def main() -> int:
         "max_relative_error_vs_fp32": {fmt: token_error(model, args.seed, 20, fmt) for fmt in ("float16", "int8")},
         "summary": {k: {t: round(v, 4) for t, v in row.items()} for k, row in summary.items()},
         "table": table,
+        "json_answers": {**json_result, "line": json_line(json_result)},
         "records": [r.__dict__ for r in records],
+        "json_records": [r.__dict__ for r in json_records],
     }, indent=2) + "\n")
     print(f"{len(records)} questions x {len(ABLATIONS) + len(variants)} conditions in {seconds:.0f}s -> {args.out}")
     return 0

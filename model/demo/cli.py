@@ -75,6 +75,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=d.steps, help="stage-3 (LLaMA-VID) optimizer steps")
     p.add_argument("--vision-steps", type=int, default=d.vision_steps, help="stage-1 (vision tower) steps")
     p.add_argument("--qformer-steps", type=int, default=d.qformer_steps, help="stage-2 (Q-Former) steps")
+    p.add_argument("--format-steps", type=int, default=d.format_steps, help="stage-4 (answers in JSON) steps")
     p.add_argument("--clips", type=int, default=d.clips, help="pre-rendered training clips")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -113,7 +114,8 @@ def _train(args: argparse.Namespace, argv: list[str], answerer_for: AnswererFor 
     from .train import TrainConfig, train
 
     cfg = TrainConfig(
-        steps=args.steps, vision_steps=args.vision_steps, qformer_steps=args.qformer_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, clips=args.clips,
+        steps=args.steps, vision_steps=args.vision_steps, qformer_steps=args.qformer_steps,
+        format_steps=args.format_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, clips=args.clips,
         eval_every=args.eval_every, threads=args.threads, workers=args.workers, max_minutes=args.minutes,
     )
     shipped = _shipped_digests(cfg)  # read first: the recorded command writes over the shipped folder
@@ -137,16 +139,32 @@ def _train(args: argparse.Namespace, argv: list[str], answerer_for: AnswererFor 
         model = model_from(args.out)
         with _answerer(model, answerer_for) as answerer:
             records = run_eval(model, answerer, seed=1, per_type=args.eval_per_type)
+            json_result = _json_eval(answerer, answerer_for, 1, args.eval_per_type)
         record["eval"] = {"seed": 1, "per_type": args.eval_per_type, "summary": summarise(records)}
         record["eval"]["table"] = markdown_table(record["eval"]["summary"], records)
+        if json_result is not None:
+            record["eval"]["json"] = json_result
     (Path(args.out) / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     _write_training_md(Path(args.out), record)
-    print(f"wrote {args.out} in {record['wall_seconds']:.0f}s; held-out accuracy {summary['held_out']}")
+    print(f"wrote {args.out} in {record['wall_seconds']:.0f}s; held-out accuracy {summary['formats']['held_out']}")
     if shipped:
         print(_reproduction_line(shipped, summary["weights_sha256"]))
     if "eval" in record:
         print(record["eval"]["table"])
+        if "json" in record["eval"]:
+            print(record["eval"]["json"]["line"])
     return 0
+
+
+def _json_eval(answerer, answerer_for: AnswererFor | None, seed: int, per_type: int, progress=None) -> dict | None:
+    """Binding questions asked in JSON under ``data.JSON_SCHEMA``; only the served path decodes under a
+    grammar (the model's own loop has no structured output), so without it there is nothing to report."""
+    if answerer_for is None:
+        return None
+    from .evaluate import json_line, json_summary, run_json_eval
+
+    summary = json_summary(run_json_eval(answerer, seed=seed, per_type=per_type, progress=progress))
+    return {**summary, "line": json_line(summary)}
 
 
 def _shipped_digests(cfg) -> dict[str, str] | None:
@@ -186,9 +204,13 @@ def _write_training_md(out: Path, record: dict) -> None:
          f"{cfg['clips']} pre-rendered training clips, torch {record['torch']}, {record['machine']}"),
         f"- wall time {record['wall_seconds'] / 60:.1f} min; seconds per stage: "
         + ", ".join(f"{k} {v:.0f}" for k, v in record["seconds"].items()),
-        f"- final loss {record['final_loss']}, held-out exact match {record['held_out']}",
+        f"- stage 3 final loss {record['final_loss']}, held-out exact match {record['held_out']}",
         "- the full record (config, learning curve) is in `training.json`",
     ]
+    if "formats" in record:
+        stage4 = record["formats"]
+        lines.insert(-1, f"- stage 4 (binding questions answered in JSON, half of each batch): {stage4['steps_done']} steps, "
+                         f"final loss {stage4['final_loss']}, held-out exact match {stage4['held_out']}")
     if "weights_sha256" in record:
         digests = ", ".join(f"{stage} `{digest[:16]}`" for stage, digest in record["weights_sha256"].items())
         lines.append(f"- weights SHA-256 after each stage: {digests}; rerunning the command (any `--out`) prints "
@@ -197,6 +219,8 @@ def _write_training_md(out: Path, record: dict) -> None:
         lines.append(f"- rerun ({rerun['when']}, {rerun['wall_seconds'] / 60:.1f} min): {rerun['result']}")
     if "eval" in record:
         lines += ["", "## Evaluation (`llamavid eval-demo`)", "", record["eval"]["table"]]
+        if "json" in record["eval"]:
+            lines += ["", record["eval"]["json"]["line"]]
     (out / "TRAINING.md").write_text("\n".join(lines) + "\n")
 
 
@@ -213,8 +237,13 @@ def _eval(args: argparse.Namespace, answerer_for: AnswererFor | None) -> int:
     with _answerer(model, answerer_for) as answerer, tqdm(desc="eval-demo", unit="question", file=sys.stderr) as bar:
         records = run_eval(model, answerer, seed=args.seed, per_type=args.per_type, ablations=names,
                            progress=lambda n: bar.update(n - bar.n))
+        done = bar.n
+        json_result = _json_eval(answerer, answerer_for, args.seed, args.per_type,
+                                 progress=lambda n: bar.update(done + n - bar.n))
     summary = summarise(records)
     table = markdown_table(summary, records)
+    if json_result is not None:
+        table += "\n\n" + json_result["line"]
     print(table)
     if args.markdown:
         args.markdown.write_text(table + "\n")
@@ -222,7 +251,7 @@ def _eval(args: argparse.Namespace, answerer_for: AnswererFor | None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "model": str(folder), "path": "served" if answerer_for else "model", "seed": args.seed,
-            "per_type": args.per_type, "summary": summary, "table": table,
+            "per_type": args.per_type, "summary": summary, "table": table, "json": json_result,
             "records": [r.__dict__ for r in records],
         }, indent=2) + "\n")
     return 0

@@ -14,12 +14,15 @@ The question types probe what the paper claims the two tokens carry:
 * ``counting``: "How many shapes are there?".
 * ``presence``: "Is there a triangle?", "Is there a red shape?".
 
-Answers are single words.
+Answers are single words, but for one form of question, a binding question that asks for its
+answer "in JSON" (``json_questions``): ``{"colour": "red", "shape": "circle"}``, the shape it
+is about, as the keys and order of ``JSON_SCHEMA`` (the demo of structured output).
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -80,6 +83,14 @@ class QA:
     question: str
     answer: str
     qtype: str
+
+
+JSON_INSTRUCTION = " Answer in JSON."
+JSON_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"colour": {"type": "string", "enum": list(COLOURS)}, "shape": {"type": "string", "enum": list(KINDS)}},
+    "required": ["colour", "shape"],
+}
 
 
 # -- scenes ------------------------------------------------------------------------------------
@@ -244,6 +255,27 @@ def questions(scene: Scene, rng: random.Random | None = None) -> list[QA]:
     elif scene.kind == "disappear":
         out.append(QA("What disappears?", shapes[-1].kind, "time"))
     return out
+
+
+def json_questions(scene: Scene) -> list[QA]:
+    """The binding questions asked for a JSON answer: the shape each is about, as ``JSON_SCHEMA`` writes it.
+
+    A question names one of the shape's kind or colour and the answer must give both, so the model
+    must find the shape (the context token's job) to fill in the other value.
+    """
+    out = []
+    for qa in questions(scene):
+        if qa.qtype == "binding":
+            shape = shape_named(scene, qa.question)
+            answer = json.dumps({"colour": shape.colour, "shape": shape.kind})
+            out.append(QA(qa.question + JSON_INSTRUCTION, answer, "json"))
+    return out
+
+
+def shape_named(scene: Scene, question: str) -> Shape:
+    """The shape a binding question is about: the one whose kind or colour it names (both are unique per scene)."""
+    words = set(question.rstrip("?").lower().split())
+    return next(s for s in scene.shapes if s.kind in words or s.colour in words)
 
 
 def scene_for(rng: random.Random, qtype: str) -> Scene:

@@ -18,6 +18,7 @@ installs without the server. Ablations are applied to the model from outside its
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import tempfile
@@ -129,6 +130,12 @@ class Answerer(Protocol):
     def answer(self, clip: object, question: str) -> str: ...
 
 
+class StructuredAnswerer(Answerer, Protocol):
+    """An answerer that can also decode under a JSON schema (the served path: the batched decoder)."""
+
+    def answer(self, clip: object, question: str, *, max_tokens: int = 8, schema: dict | None = None) -> str: ...
+
+
 class ModelAnswerer:
     """The model's own loop: ``encode_video``, ``prepare`` and ``stream``, as ``llamavid ask`` runs it."""
 
@@ -210,6 +217,52 @@ def summarise(records: list[Record]) -> dict[str, dict[str, float]]:
         row["overall"] = sum(sum(v) for v in by_type.values()) / sum(len(v) for v in by_type.values())
         out[name] = row
     return out
+
+
+@dataclass
+class JsonRecord:
+    seed: int
+    question: str
+    expected: dict[str, str]
+    answer: str  # the model's text, under ``data.JSON_SCHEMA``
+
+
+def run_json_eval(answerer: StructuredAnswerer, *, seed: int = 1, per_type: int = 50, progress=None) -> list[JsonRecord]:
+    """Every binding question of the evaluation's binding clips, asked "in JSON" under ``data.JSON_SCHEMA``
+    (the same clips ``run_eval`` asks the plain questions about)."""
+    records: list[JsonRecord] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for clip_seed, qtype in eval_clips(seed, per_type):
+            if qtype != "binding":
+                continue
+            example = data.make_example(clip_seed, qtype)
+            clip = answerer.read(data.write_clip(example.scene, Path(tmp) / f"clip-{clip_seed}.mp4"))
+            for qa in data.json_questions(example.scene):
+                text = answerer.answer(clip, qa.question, max_tokens=48, schema=data.JSON_SCHEMA)
+                records.append(JsonRecord(clip_seed, qa.question, json.loads(qa.answer), text))
+            if progress is not None:
+                progress(len(records))
+    return records
+
+
+def json_summary(records: list[JsonRecord]) -> dict[str, float | int]:
+    """How many answers parse as JSON, and how many give both values right."""
+    parsed = []
+    for r in records:
+        try:
+            parsed.append(json.loads(r.answer))
+        except json.JSONDecodeError:
+            parsed.append(None)
+    return {
+        "questions": len(records),
+        "valid_json": sum(p is not None for p in parsed) / max(1, len(records)),
+        "right_values": sum(p == r.expected for p, r in zip(parsed, records)) / max(1, len(records)),
+    }
+
+
+def json_line(summary: dict[str, float | int]) -> str:
+    return (f"Binding questions asked \"in JSON\" under `data.JSON_SCHEMA` (n={summary['questions']}): "
+            f"{100 * summary['valid_json']:.1f} % parse, {100 * summary['right_values']:.1f} % give both values right.")
 
 
 TIME_QUESTIONS = {"appears": "What appears", "disappears": "What disappears", "direction": "Which way"}

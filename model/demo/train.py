@@ -1,8 +1,10 @@
-"""Train the demo LLaMA-VID on synthetic video QA, on two CPU cores, in under 30 minutes.
+"""Train the demo LLaMA-VID on synthetic video QA, on two CPU cores, in about half an hour.
 
 The whole architecture trains at tiny size: EVA tower, Q-Former with learned queries reading
 the question, context attention, mean-pooled content token, both projectors and the LLaMA
-decoder, with next-token loss on the answer only. The prompt comes from ``LlamaVid.prepare``
+decoder, with next-token loss on the answer only, in four stages: (1) the vision tower, (2) the
+Q-Former's grounding, (3) LLaMA-VID proper, (4) binding questions answered in JSON (structured
+output's demo), with stage 3's questions replayed beside them. The prompt comes from ``LlamaVid.prepare``
 itself (cached per question), and the visual tokens are spliced by ``splice_embeddings``, so
 training and serving build the same sequence. Data, initialisation and batch order are fixed by
 the seed, and a rerun with the same thread count gives the same weights bit for bit: the record
@@ -19,6 +21,7 @@ import multiprocessing as mp
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -69,6 +72,9 @@ class TrainConfig:
     qformer_lr: float = 1e-3
     freeze_qformer: bool = True  # in stage 3, as LLaMA-VID's "qformer_pretrain_freeze" does
     freeze_context_attention: bool = True  # in stage 3: keep where the context token looks (stage 2's grounding)
+    format_steps: int = 1000  # stage 4: binding questions answered in JSON, mixed with stage 3's questions
+    format_lr: float = 1e-3
+    format_share: float = 0.5  # of each stage-4 batch: JSON questions (the rest replays stage 3's mix)
     seed: int = 0
     clips: int = 6000
     holdout: int = 128
@@ -219,12 +225,14 @@ def question_for(clip: Clip, rng: random.Random) -> data.QA:
 
 
 @torch.no_grad()
-def holdout_accuracy(model: LlamaVid, prompts: PromptCache, clips: list[Clip], batch_size: int = 64) -> dict[str, float]:
+def holdout_accuracy(model: LlamaVid, prompts: PromptCache, checks: list[tuple[Clip, data.QA]],
+                     batch_size: int = 64) -> dict[str, float]:
+    """Teacher-forced exact match per question type on held-out (clip, question) pairs."""
     model.eval()
     hits: dict[str, list[bool]] = {}
-    for i in range(0, len(clips), batch_size):
-        part = clips[i : i + batch_size]
-        qas = [c.example.qa for c in part]
+    for i in range(0, len(checks), batch_size):
+        part = [c for c, _ in checks[i : i + batch_size]]
+        qas = [qa for _, qa in checks[i : i + batch_size]]
         ok = exact_match(*batch_logits(model, prompts, part, qas))
         for qa, hit in zip(qas, ok.tolist()):
             hits.setdefault(qa.qtype, []).append(hit)
@@ -315,12 +323,6 @@ def attach_features(model: LlamaVid, clips: list[Clip], batch_frames: int = 256)
 
 
 # -- stage 2: the Q-Former -------------------------------------------------------------------
-def shape_named(scene: data.Scene, question: str) -> data.Shape:
-    """The shape a question is about: the one whose kind or colour it names (both are unique per scene)."""
-    words = set(question.rstrip("?").lower().split())
-    return next(s for s in scene.shapes if s.kind in words or s.colour in words)
-
-
 def shape_patches(clip: Clip, shape: data.Shape) -> torch.Tensor:
     """[T, P] bool: the patches ``shape`` covers in each frame."""
     labels = clip.patch_labels
@@ -360,7 +362,7 @@ def pretrain_qformer(model: LlamaVid, clips: list[Clip], cfg: TrainConfig, progr
             feats.append(clip.features[frames])
             questions.append(qa.question)
             targets += [answers.index(qa.answer)] * len(frames)
-            on_shape.append(shape_patches(clip, shape_named(clip.example.scene, qa.question))[frames])
+            on_shape.append(shape_patches(clip, data.shape_named(clip.example.scene, qa.question))[frames])
         out = head_output(model, feats, questions, with_attention=True)
         logits = head(out.tokens[:, 0])
         target = torch.tensor(targets)
@@ -387,6 +389,51 @@ def context_attention_parameters(model: LlamaVid) -> list[nn.Parameter]:
 def train_llamavid(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: TrainConfig, progress: bool,
                    started: float | None = None) -> dict:
     """The visual projectors and the LLM (and whatever ``cfg`` leaves unfrozen), next-token loss on the answer only."""
+    rng = random.Random(cfg.seed)
+
+    def draw() -> tuple[list[Clip], list[data.QA]]:
+        batch = [clips[rng.randrange(len(clips))] for _ in range(cfg.batch_size)]
+        return batch, [question_for(c, rng) for c in batch]
+
+    checks = [(c, c.example.qa) for c in held]
+    return fit_answers(model, draw, checks, cfg, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                       desc="stage 3: LLaMA-VID", progress=progress, started=started)
+
+
+def train_formats(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: TrainConfig, progress: bool,
+                  started: float | None = None) -> dict:
+    """Stage 4: binding questions asked "in JSON" (``data.json_questions``), mixed with stage 3's questions.
+
+    A short fine-tune of what stage 3 trains, so that the demo can show structured output with right
+    values: a grammar only fixes the form, the model must still want the right colour and shape inside
+    it. Half of every batch replays stage 3's question mix, so the one-word answers keep their accuracy.
+    """
+    rng = random.Random(cfg.seed + 4)
+    pool = [c for c in clips if data.json_questions(c.example.scene)]
+
+    def draw() -> tuple[list[Clip], list[data.QA]]:
+        batch, qas = [], []
+        for _ in range(cfg.batch_size):
+            if rng.random() < cfg.format_share:
+                clip = pool[rng.randrange(len(pool))]
+                qa = rng.choice(data.json_questions(clip.example.scene))
+            else:
+                clip = clips[rng.randrange(len(clips))]
+                qa = question_for(clip, rng)
+            batch.append(clip)
+            qas.append(qa)
+        return batch, qas
+
+    checks = [(c, c.example.qa) for c in held]
+    checks += [(c, qas[0]) for c in held if (qas := data.json_questions(c.example.scene))]
+    return fit_answers(model, draw, checks, cfg, steps=cfg.format_steps, lr=cfg.format_lr,
+                       warmup=cfg.format_steps // 10, desc="stage 4: formats", progress=progress, started=started)
+
+
+def fit_answers(model: LlamaVid, draw: Callable[[], tuple[list[Clip], list[data.QA]]],
+                checks: list[tuple[Clip, data.QA]], cfg: TrainConfig, *, steps: int, lr: float, warmup: int,
+                desc: str, progress: bool, started: float | None = None) -> dict:
+    """Stages 3 and 4: batches from ``draw``, held-out exact match on ``checks`` every ``cfg.eval_every`` steps."""
     started = time.perf_counter() if started is None else started
     prompts = PromptCache(model)
     model.train()
@@ -400,23 +447,21 @@ def train_llamavid(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: Tr
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98),
+        lr=lr, betas=(0.9, 0.98),
     )
-    rng = random.Random(cfg.seed)
     history, acc, loss_ema, steps_done = [], {}, None, 0
-    bar = tqdm(range(cfg.steps), desc="stage 3: LLaMA-VID", unit="step", disable=not progress)
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for step in bar:
         if cfg.max_minutes is not None and time.perf_counter() - started > cfg.max_minutes * 60:
             bar.write(f"stopping at step {step}: the --minutes budget is spent (this run is not reproducible)")
             break
-        batch = [clips[rng.randrange(len(clips))] for _ in range(cfg.batch_size)]
-        qas = [question_for(c, rng) for c in batch]
+        batch, qas = draw()
         loss = answer_loss(*batch_logits(model, prompts, batch, qas))
-        optimizer_step(opt, params, loss, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
+        optimizer_step(opt, params, loss, lr_at(step, steps, lr, warmup))
         steps_done = step + 1
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
-        if steps_done % cfg.eval_every == 0 or steps_done == cfg.steps:
-            acc = holdout_accuracy(model, prompts, held)
+        if steps_done % cfg.eval_every == 0 or steps_done == steps:
+            acc = holdout_accuracy(model, prompts, checks)
             history.append({"step": steps_done, "loss": round(loss_ema, 4), **{k: round(v, 4) for k, v in acc.items()}})
             if not progress:
                 print(json.dumps(history[-1]), flush=True)
@@ -460,6 +505,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, progress: bool
         digests["stage2_qformer"] = weights_digest(model)
         stage3 = train_llamavid(model, train_clips, held, cfg, progress, started)
         lap("stage3_llamavid")
+        digests["stage3_llamavid"] = weights_digest(model)
+        stage4 = train_formats(model, train_clips, held, cfg, progress, started)
+        lap("stage4_formats")
         model.eval()
         digests["final"] = weights_digest(model)
         summary = {
@@ -468,6 +516,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, *, progress: bool
             "vision": vision_report,
             "qformer": qformer_report,
             **stage3,
+            "formats": stage4,
             "weights_sha256": digests,
         }
         if out_dir is not None:

@@ -21,9 +21,10 @@ from cache import FeatureStore, MemoryFeatureStore
 from cache.keys import digest_bytes
 from model.llama_vid import LlamaVid
 from model.memory import host_memory_bytes, plan_memory
+from model.structured import GrammarSpec
 
 from ..engine.events import DeltaEvent, ErrorEvent
-from ..engine.jobs import MediaRef, QuestionJob, Sampling, SamplingParams, Turn, new_id
+from ..engine.jobs import Grammar, MediaRef, QuestionJob, Sampling, SamplingParams, Turn, new_id
 from ..engine.storage import DiskMediaStore, MemoryVideoRegistry
 from ..metrics import LlamaVidMetrics
 from .loading import describe
@@ -68,12 +69,17 @@ class OfflineEngine:
         self._run(self.engine.media.put(digest, data))
         return MediaRef(kind="video", digest=digest, sampling=self.sampling)
 
-    def answer(self, clip: MediaRef, question: str, *, max_tokens: int = 8) -> str:
-        """A greedy answer through ``LocalEngine.ask``; an error event raises ``RuntimeError``."""
+    def answer(self, clip: MediaRef, question: str, *, max_tokens: int = 8, schema: dict | None = None) -> str:
+        """A greedy answer through ``LocalEngine.ask`` (under ``schema``, a JSON schema, when given);
+        an error event raises ``RuntimeError``."""
         now = time.time()
+        grammar = None
+        if schema is not None:
+            spec = GrammarSpec.json_schema(schema)
+            grammar = Grammar(kind=spec.kind, value=spec.value)
+        sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, grammar=grammar)
         job = QuestionJob(request_id=new_id("req"), messages=[Turn(role="user", content=question)],
-                          media=clip, sampling=SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                          arrival_time=now, deadline=now + self.timeout)
+                          media=clip, sampling=sampling, arrival_time=now, deadline=now + self.timeout)
         return self._run(self._answer(job))
 
     async def _answer(self, job: QuestionJob) -> str:

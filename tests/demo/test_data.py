@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -51,6 +52,28 @@ def test_binding_answer_is_the_colour_of_the_named_shape():
             elif qa.question.startswith("Which shape is "):
                 colour = qa.question.removeprefix("Which shape is ").rstrip("?")
                 assert qa.answer == next(s.kind for s in ex.scene.shapes if s.colour == colour)
+
+
+def test_json_questions_give_both_values_of_the_shape_asked_about():
+    seen = 0
+    for seed in range(40):
+        scene = data.make_example(seed, "binding").scene
+        plain = [qa for qa in data.questions(scene) if qa.qtype == "binding"]
+        asked = data.json_questions(scene)
+        assert [qa.question for qa in asked] == [qa.question + data.JSON_INSTRUCTION for qa in plain]
+        for qa, bare in zip(asked, plain):
+            answer = json.loads(qa.answer)
+            assert list(answer) == list(data.JSON_SCHEMA["properties"])  # the schema's key order
+            shape = next(s for s in scene.shapes if bare.answer in (s.colour, s.kind))
+            assert answer == {"colour": shape.colour, "shape": shape.kind}
+            assert answer["colour"] in data.JSON_SCHEMA["properties"]["colour"]["enum"]
+            assert answer["shape"] in data.JSON_SCHEMA["properties"]["shape"]["enum"]
+            seen += 1
+    assert seen > 80
+    for seed in range(20):  # one shape in view, or a shape that appears: nothing to bind, no JSON question
+        scene = data.make_example(seed, "time").scene
+        if scene.kind in ("appear", "disappear") or len(scene.shapes) < 2:
+            assert data.json_questions(scene) == []
 
 
 def test_time_counting_presence_answers_match_the_frames():

@@ -8,10 +8,13 @@ import torch
 from model.demo import data
 from model.demo.evaluate import (
     ABLATIONS,
+    JsonRecord,
     ModelAnswerer,
     Record,
     ablated,
     encode_file,
+    json_line,
+    json_summary,
     markdown_table,
     normalise,
     prepare,
@@ -115,3 +118,12 @@ def test_time_questions_are_counted_by_kind():
                                        "direction": {"right": 1, "asked": 2}}
     assert time_breakdown(records, "no_context")["direction"] == {"right": 1, "asked": 2}
     assert time_breakdown(records, "no_context")["disappears"] == {"right": 1, "asked": 1}
+
+
+def test_json_summary_counts_parsing_and_right_answers():
+    expected = {"colour": "red", "shape": "circle"}
+    answers = ['{"colour": "red", "shape": "circle"}', '{"shape": "circle", "colour": "red"}',
+               '{"colour": "blue", "shape": "circle"}', '{"colour": "red", "shape": ', "red"]
+    summary = json_summary([JsonRecord(0, "Which shape is red? Answer in JSON.", expected, a) for a in answers])
+    assert summary == {"questions": 5, "valid_json": 3 / 5, "right_values": 2 / 5}
+    assert "(n=5): 60.0 % parse, 40.0 % give both values right" in json_line(summary)

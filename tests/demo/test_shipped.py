@@ -41,7 +41,7 @@ def test_training_record_names_command_and_seed():
     assert record["command"].startswith("llamavid train-demo ") and "--seed" in record["command"]
     assert record["seed"] == record["config"]["seed"]
     assert record["command"] in (SHIPPED_DIR / "TRAINING.md").read_text()
-    assert set(record["weights_sha256"]) == {"stage1_vision", "stage2_qformer", "final"}
+    assert set(record["weights_sha256"]) == {"stage1_vision", "stage2_qformer", "stage3_llamavid", "final"}
 
 
 def test_a_rerun_of_the_recorded_command_is_checked_against_the_shipped_weights():
@@ -85,7 +85,9 @@ def test_eval_demo_command_writes_its_table(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["model"] == str(SHIPPED_DIR) and set(report["summary"]) == {"full", "no_content"}
     assert report["path"] == "served"
-    assert "| full: both tokens" in capsys.readouterr().out
+    assert report["json"]["questions"] >= 2 and report["json"]["valid_json"] == 1.0  # under the grammar, always
+    out = capsys.readouterr().out
+    assert "| full: both tokens" in out and report["json"]["line"] in out
 
 
 def test_train_demo_help_lists_its_flags(capsys):
@@ -93,4 +95,4 @@ def test_train_demo_help_lists_its_flags(capsys):
         cli_main(["train-demo", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    assert "--seed" in text and "--out" in text and "--vision-steps" in text
+    assert "--seed" in text and "--out" in text and "--vision-steps" in text and "--format-steps" in text

@@ -27,9 +27,9 @@ from model.demo.train import (
     context_attention_parameters,
     patch_labels,
     render_clips,
-    shape_named,
     shape_patches,
     train,
+    train_formats,
     train_llamavid,
     visual_tokens,
 )
@@ -110,6 +110,30 @@ def test_stage_three_keeps_the_grounded_attention_and_the_qformer(tmp_path):
     assert any(name.startswith("llm.") for name in changed)
 
 
+def test_stage_four_trains_json_answers_beside_the_plain_ones(smoke, monkeypatch):
+    import model.demo.train as train_module
+
+    model, clips = smoke
+    frozen = {id(p) for p in context_attention_parameters(model)} | {id(p) for p in model.qformer.parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    asked: list[list[data.QA]] = []
+    real = train_module.batch_logits
+    monkeypatch.setattr(train_module, "batch_logits", lambda m, p, b, qas: asked.append(qas) or real(m, p, b, qas))
+    cfg = TrainConfig(format_steps=4, batch_size=16, eval_every=4, spec=SMOKE_SPEC)
+    report = train_formats(model, clips, clips[:4], cfg, progress=False)
+    trained = [qa for qas in asked[:4] for qa in qas]  # the 4 steps; the held-out check comes after
+    share = sum(qa.qtype == "json" for qa in trained) / len(trained)
+    assert 0.3 < share < 0.7, share  # format_share=0.5 of 64 draws
+    assert {qa.qtype for qa in trained} - {"json"}  # the rest replays stage 3's questions
+    for qa in trained:
+        if qa.qtype == "json":
+            assert qa.question.endswith(data.JSON_INSTRUCTION) and json.loads(qa.answer)
+    assert "json" in report["held_out"] and report["steps_done"] == 4
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    kept = {name for name, p in model.named_parameters() if id(p) in frozen}
+    assert kept and not (changed & kept) and any(name.startswith("llm.") for name in changed)
+
+
 def test_patch_labels_name_the_shape_under_each_patch():
     ex = data.make_example(5, "binding")
     labels = patch_labels(ex.scene, 84, 14)
@@ -129,7 +153,7 @@ def test_grounding_mask_covers_only_the_shape_asked_about(smoke):
     clip = next(c for c in clips if len(c.example.scene.shapes) >= 2 and c.example.scene.kind in ("static", "moving"))
     scene, masks = clip.example.scene, {}
     for shape in scene.shapes:
-        named = {shape_named(scene, q) for q in (f"What colour is the {shape.kind}?", f"Which shape is {shape.colour}?",
+        named = {data.shape_named(scene, q) for q in (f"What colour is the {shape.kind}?", f"Which shape is {shape.colour}?",
                                                   f"Which way does the {shape.kind} move?")}
         assert named == {shape}
         masks[shape.kind] = shape_patches(clip, shape)
@@ -143,7 +167,7 @@ def test_a_short_run_is_bit_for_bit_reproducible_in_another_process():
     # 64 clips include the two whose H.264 bytes used to depend on the process (see encode_clip);
     # a second process with another hash seed must still produce the same weights at every stage.
     cfg = TrainConfig(steps=3, batch_size=4, vision_steps=2, vision_batch=8, qformer_steps=2, qformer_batch=4,
-                      clips=64, holdout=4, eval_every=3, workers=1, spec=SMOKE_SPEC, warmup=1)
+                      clips=64, holdout=4, eval_every=3, workers=1, spec=SMOKE_SPEC, warmup=1, format_steps=2)
     _, here = train(cfg, progress=False)
     script = (
         "import json, sys\n"
@@ -157,7 +181,8 @@ def test_a_short_run_is_bit_for_bit_reproducible_in_another_process():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).parents[2], timeout=300, check=True)
     there = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(here["weights_sha256"]) == {"stage1_vision", "stage2_qformer", "final"}
+    assert set(here["weights_sha256"]) == {"stage1_vision", "stage2_qformer", "stage3_llamavid", "final"}
+    assert here["weights_sha256"]["stage3_llamavid"] != here["weights_sha256"]["final"]  # stage 4 trained
     assert there == here["weights_sha256"]
 
 
