@@ -34,7 +34,6 @@ from model.demo.evaluate import (
     ABLATIONS,
     binding_chance,
     eval_clips,
-    json_line,
     json_summary,
     markdown_table,
     run_eval,
@@ -109,7 +108,7 @@ def main() -> int:
     table = markdown_table(summary, records)
     by_time_kind = time_breakdown(records)
     print(table)
-    print(json_line(json_result))
+    print(json_result["line"])
     print("time questions, both tokens:", ", ".join(f"{k} {v['right']}/{v['asked']}" for k, v in by_time_kind.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -125,7 +124,7 @@ def main() -> int:
         "max_relative_error_vs_fp32": {fmt: token_error(model, args.seed, 20, fmt) for fmt in ("float16", "int8")},
         "summary": {k: {t: round(v, 4) for t, v in row.items()} for k, row in summary.items()},
         "table": table,
-        "json_answers": {**json_result, "line": json_line(json_result)},
+        "json_answers": json_result,
         "records": [r.__dict__ for r in records],
         "json_records": [r.__dict__ for r in json_records],
     }, indent=2) + "\n")

@@ -161,10 +161,9 @@ def _json_eval(answerer, answerer_for: AnswererFor | None, seed: int, per_type: 
     grammar (the model's own loop has no structured output), so without it there is nothing to report."""
     if answerer_for is None:
         return None
-    from .evaluate import json_line, json_summary, run_json_eval
+    from .evaluate import json_summary, run_json_eval
 
-    summary = json_summary(run_json_eval(answerer, seed=seed, per_type=per_type, progress=progress))
-    return {**summary, "line": json_line(summary)}
+    return json_summary(run_json_eval(answerer, seed=seed, per_type=per_type, progress=progress))
 
 
 def _shipped_digests(cfg) -> dict[str, str] | None:

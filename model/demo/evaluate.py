@@ -245,24 +245,21 @@ def run_json_eval(answerer: StructuredAnswerer, *, seed: int = 1, per_type: int 
     return records
 
 
-def json_summary(records: list[JsonRecord]) -> dict[str, float | int]:
-    """How many answers parse as JSON, and how many give both values right."""
+def json_summary(records: list[JsonRecord]) -> dict[str, float | int | str]:
+    """How many answers parse as JSON, how many give both values right, and the line that says so
+    (printed by ``eval-demo`` and the bench, written into ``TRAINING.md``)."""
     parsed = []
     for r in records:
         try:
             parsed.append(json.loads(r.answer))
         except json.JSONDecodeError:
             parsed.append(None)
-    return {
-        "questions": len(records),
-        "valid_json": sum(p is not None for p in parsed) / max(1, len(records)),
-        "right_values": sum(p == r.expected for p, r in zip(parsed, records)) / max(1, len(records)),
-    }
-
-
-def json_line(summary: dict[str, float | int]) -> str:
-    return (f"Binding questions asked \"in JSON\" under `data.JSON_SCHEMA` (n={summary['questions']}): "
-            f"{100 * summary['valid_json']:.1f} % parse, {100 * summary['right_values']:.1f} % give both values right.")
+    n = len(records)
+    valid = sum(p is not None for p in parsed) / max(1, n)
+    right = sum(p == r.expected for p, r in zip(parsed, records)) / max(1, n)
+    line = (f"Binding questions asked \"in JSON\" under `data.JSON_SCHEMA` (n={n}): "
+            f"{100 * valid:.1f} % parse, {100 * right:.1f} % give both values right.")
+    return {"questions": n, "valid_json": valid, "right_values": right, "line": line}
 
 
 TIME_QUESTIONS = {"appears": "What appears", "disappears": "What disappears", "direction": "Which way"}

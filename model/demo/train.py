@@ -409,14 +409,14 @@ def train_formats(model: LlamaVid, clips: list[Clip], held: list[Clip], cfg: Tra
     it. Half of every batch replays stage 3's question mix, so the one-word answers keep their accuracy.
     """
     rng = random.Random(cfg.seed + 4)
-    pool = [c for c in clips if data.json_questions(c.example.scene)]
+    pool = [(c, qs) for c in clips if (qs := data.json_questions(c.example.scene))]
 
     def draw() -> tuple[list[Clip], list[data.QA]]:
         batch, qas = [], []
         for _ in range(cfg.batch_size):
             if rng.random() < cfg.format_share:
-                clip = pool[rng.randrange(len(pool))]
-                qa = rng.choice(data.json_questions(clip.example.scene))
+                clip, json_qas = pool[rng.randrange(len(pool))]
+                qa = rng.choice(json_qas)
             else:
                 clip = clips[rng.randrange(len(clips))]
                 qa = question_for(clip, rng)

@@ -21,7 +21,6 @@ from cache import FeatureStore, MemoryFeatureStore
 from cache.keys import digest_bytes
 from model.llama_vid import LlamaVid
 from model.memory import host_memory_bytes, plan_memory
-from model.structured import GrammarSpec
 
 from ..engine.events import DeltaEvent, ErrorEvent
 from ..engine.jobs import Grammar, MediaRef, QuestionJob, Sampling, SamplingParams, Turn, new_id
@@ -75,8 +74,9 @@ class OfflineEngine:
         now = time.time()
         grammar = None
         if schema is not None:
-            spec = GrammarSpec.json_schema(schema)
-            grammar = Grammar(kind=spec.kind, value=spec.value)
+            from model.structured import GrammarSpec  # the grammar library loads only when an answer needs it
+
+            grammar = Grammar(**GrammarSpec.json_schema(schema).to_dict())
         sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, grammar=grammar)
         job = QuestionJob(request_id=new_id("req"), messages=[Turn(role="user", content=question)],
                           media=clip, sampling=sampling, arrival_time=now, deadline=now + self.timeout)

@@ -13,7 +13,6 @@ from model.demo.evaluate import (
     Record,
     ablated,
     encode_file,
-    json_line,
     json_summary,
     markdown_table,
     normalise,
@@ -125,5 +124,6 @@ def test_json_summary_counts_parsing_and_right_answers():
     answers = ['{"colour": "red", "shape": "circle"}', '{"shape": "circle", "colour": "red"}',
                '{"colour": "blue", "shape": "circle"}', '{"colour": "red", "shape": ', "red"]
     summary = json_summary([JsonRecord(0, "Which shape is red? Answer in JSON.", expected, a) for a in answers])
-    assert summary == {"questions": 5, "valid_json": 3 / 5, "right_values": 2 / 5}
-    assert "(n=5): 60.0 % parse, 40.0 % give both values right" in json_line(summary)
+    assert summary.keys() == {"questions", "valid_json", "right_values", "line"}
+    assert (summary["questions"], summary["valid_json"], summary["right_values"]) == (5, 3 / 5, 2 / 5)
+    assert "(n=5): 60.0 % parse, 40.0 % give both values right" in summary["line"]
